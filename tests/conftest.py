@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny ViT configurations and recipe files written into tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+#: a tiny timm ViT that trains in seconds on CPU (digits resized to 16 px, 16 patch tokens).
+TINY_KWARGS = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+TINY_NAME = "vit_tiny_patch16_224"
+
+
+@pytest.fixture
+def tiny_backbone():
+    """A frozen tiny ViT with random weights (seeded)."""
+    from vptool.backbones.build import build_backbone
+
+    torch.manual_seed(0)
+    model, _ = build_backbone(TINY_NAME, pretrained=False, kwargs=dict(TINY_KWARGS))
+    return model
+
+
+def tiny_recipe(tmp_path: Path, **sections) -> dict:
+    """A recipe dict for a tiny 2-epoch VPT-deep run on digits, sections merged over the defaults."""
+    from vptool.recipe import deep_merge
+
+    base = {
+        "method": "vpt-deep",
+        "seed": 0,
+        "backbone": {"name": TINY_NAME, "pretrained": False, "kwargs": dict(TINY_KWARGS)},
+        "data": {"dataset": "digits", "batch_size": 64},
+        "prompt": {"length": 4},
+        "train": {"epochs": 2, "lr": 0.5, "warmup_epochs": 1},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    return deep_merge(base, sections)
+
+
+def write_recipe(tmp_path: Path, recipe: dict, name: str = "tiny.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m vptool ARGS`` in a fresh process (the real entry point, exit codes and streams)."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "vptool", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)

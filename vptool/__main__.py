@@ -1,0 +1,5 @@
+"""``python -m vptool`` runs the CLI."""
+
+from vptool.cli import main
+
+main()

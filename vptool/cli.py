@@ -1,0 +1,227 @@
+"""The ``vptool`` command line (Typer): parse, load the recipe, call the engine, print.
+
+Exit codes: 0 ok, 1 the run failed, 2 bad input (one line naming the key, path or value; no traceback
+unless ``--debug``). Nothing is interactive. ``--json`` prints one JSON object on stdout; progress and
+messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from vptool import __version__
+from vptool.errors import RecipeError, RunError, UserError
+
+app = typer.Typer(
+    name="vptool",
+    help="Visual prompt tuning of frozen, pretrained Vision Transformers (VPT, GateVPT, SPT, VPTM).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a recipe key, e.g. --set train.lr=0.05 (repeatable; same checks as the YAML).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback on errors.")]
+
+
+def _fail(message: str, code: int) -> None:
+    for line in message.splitlines() or [""]:
+        err.print(f"error: {line}", markup=False)
+    raise typer.Exit(code)
+
+
+def cli_errors(fn):
+    """Map exceptions to exit codes: UserError -> 2 (one line each), anything else -> 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except RecipeError as exc:
+            if debug:
+                raise
+            _fail(str(exc), 2)
+        except UserError as exc:
+            if debug:
+                raise
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
+        except RunError as exc:
+            if debug:
+                raise
+            _fail(str(exc), 1)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as exc:  # a bug or an environment failure: exit 1, short message
+            if debug:
+                raise
+            _fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+class RichObserver:
+    """Progress bars (stderr) for training and evaluation."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=err,
+                                 disable=quiet or not err.is_terminal, transient=False)
+        self.task = None
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            err.print(text, markup=False)
+
+    def run_start(self, info: dict) -> None:
+        self._say(info["params"])
+        self._say(f"run: {info['run_dir']}  device: {info['device']} ({info['amp']})  images train/val/test: "
+                  f"{info['train_images']}/{info['val_images']}/{info['test_images']}  classes: {info['classes']}")
+        self.progress.start()
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, stats="")
+
+    def step(self, loss: float, acc: float, lr: float) -> None:
+        self.progress.update(self.task, advance=1, stats=f"loss {loss:.4f} acc {acc:.1f}% lr {lr:.3g}")
+
+    def epoch_end(self, r: dict) -> None:
+        self.progress.update(self.task, stats=f"loss {r['train_loss']:.4f} acc {r['train_acc']:.1f}% "
+                                              f"val {r['val_acc']:.2f}%")
+        if not err.is_terminal:
+            self._say(f"epoch {r['epoch']}: train_loss {r['train_loss']:.4f} train_acc {r['train_acc']:.2f}% "
+                      f"val_acc {r['val_acc']:.2f}% lr {r['lr']:.4g} ({r['seconds']:.1f}s)")
+
+    def eval_start(self, split: str, steps: int) -> None:
+        self.task = self.progress.add_task(f"{split}", total=steps, stats="")
+
+    def eval_step(self) -> None:
+        self.progress.update(self.task, advance=1)
+
+    def run_end(self, summary: dict) -> None:
+        self.progress.stop()
+
+
+def _methods_table() -> str:
+    from vptool.recipe import PRESETS
+
+    return "\n".join(f"  {p.name:<12} {p.description}" for p in PRESETS.values())
+
+
+@app.command(epilog="Examples:\n\n  vptool train recipes/quickstart.yaml\n\n"
+             "  vptool train recipes/quickstart.yaml --set train.lr=0.05 --set output.name=lr005\n\n"
+             "  vptool train recipes/quickstart.yaml --dry-run --json")
+@cli_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)],
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the "
+                                          "trainable-parameter summary, then exit.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train prompts (and head) on a frozen backbone; writes runs/<name>/.
+
+    Method presets (recipe key `method`) fill defaults the recipe can override.
+    """
+    from vptool.engine.setup import prepare
+    from vptool.engine.train import prepare_run_dir
+    from vptool.engine.train import train as run_train
+    from vptool.prompting.model import format_parameter_summary
+    from vptool.recipe import dump_recipe, load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    if dry_run:
+        setup = prepare(r)
+        trainable, total = setup.model.parameter_summary()
+        if json_out:
+            print(json.dumps({"recipe": r.to_dict(), "trainable_params": trainable, "total_params": total,
+                              "device": str(setup.device)}))
+        else:
+            print(dump_recipe(r), end="")
+            print(format_parameter_summary(trainable, total))
+        return
+    prepare_run_dir(r, overwrite)  # refuse an existing run before any slow work
+    summary = run_train(r, overwrite=overwrite, observer=RichObserver(quiet=json_out))
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        print(f"test top-1: {summary['test_top1']:.2f}%  top-5: {summary['test_top5']:.2f}%  "
+              f"(best val {summary['val_acc']:.2f}% at epoch {summary['best_epoch']})  -> {summary['run_dir']}")
+
+
+train.__doc__ += "\n\n" + _methods_table().replace("\n", "\n\n")
+
+
+@app.command("eval", epilog="Examples:\n\n  vptool eval runs/quickstart\n\n"
+             "  vptool eval runs/quickstart --split val --save-logits val_logits.npy --json")
+@cli_errors
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `vptool train`.", show_default=False)],
+    split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
+    save_logits: Annotated[Optional[Path], typer.Option(
+        "--save-logits", help="Write float32 (N, K) logits in dataset order to FILE.npy.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --save-logits file.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Override train.device (auto, cpu, cuda).")] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Rebuild a trained model from its run directory and report top-1/top-5 on a split."""
+    import numpy as np
+
+    from vptool.engine.evaluate import eval_loader, load_run, predict, topk_accuracy
+
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split: {split!r} is not train, val or test")
+    if save_logits is not None:
+        if save_logits.suffix != ".npy":
+            raise UserError(f"--save-logits: {save_logits} must end in .npy")
+        if save_logits.exists() and not overwrite:
+            raise UserError(f"--save-logits: {save_logits} already exists; choose another path or pass --overwrite")
+        if not save_logits.parent.is_dir():
+            raise UserError(f"--save-logits: folder {save_logits.parent} does not exist")
+    recipe, setup = load_run(run_dir, device)
+    loader = eval_loader(setup, recipe, split)
+    logits, labels = predict(setup.model, loader, setup.device, setup.amp_dtype)
+    result = {"run_dir": str(run_dir), "split": split, "images": int(labels.shape[0]),
+              "top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
+    if save_logits is not None:
+        np.save(save_logits, logits.numpy().astype(np.float32))
+        result["logits"] = str(save_logits)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        print(f"{split} top-1: {result['top1']:.2f}%  top-5: {result['top5']:.2f}%  ({result['images']} images)")
+
+
+@app.command()
+def version() -> None:
+    """Print the vptool version."""
+    print(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

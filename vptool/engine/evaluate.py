@@ -1,0 +1,79 @@
+"""Evaluation: logits over a split, top-k accuracy, and rebuilding a trained model from its run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from vptool.data import make_loader
+from vptool.engine.setup import Setup, autocast, prepare, resolve_device
+from vptool.errors import UserError
+from vptool.recipe import Recipe, read_yaml, resolve
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+            amp_dtype: torch.dtype | None = None, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits over a loader in dataset order.
+
+    Returns:
+        ``(logits, labels)``: float32 (N, K) on CPU and int64 (N,).
+    """
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        outs.append(logits.float().cpu())
+        labels.append(torch.as_tensor(y))
+        if on_batch is not None:
+            on_batch()
+    model.train(was_training)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Percent of rows whose label is among the ``k`` largest logits (k capped at K)."""
+    k = min(k, logits.shape[1])
+    hit = (logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
+    return 100.0 * int(hit.sum()) / int(labels.shape[0])
+
+
+def eval_loader(setup: Setup, recipe: Recipe, split: str) -> DataLoader:
+    """The deterministic evaluation loader of ``split`` (no shuffle, ``data.eval_batch_size``)."""
+    return make_loader(setup.splits[split], recipe.data.eval_batch_size, shuffle=False,
+                       num_workers=recipe.data.num_workers, seed=recipe.seed,
+                       pin_memory=setup.device.type == "cuda")
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> tuple[Recipe, Setup]:
+    """Rebuild a trained model from a run directory (``recipe.yaml`` + ``adapter.safetensors``).
+
+    Raises:
+        UserError: not a run directory, or its files do not match each other.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"{run}: run directory not found; pass the folder `vptool train` wrote (e.g. runs/quickstart)")
+    for name in ("recipe.yaml", "adapter.safetensors"):
+        if not (run / name).is_file():
+            raise UserError(f"{run}: no {name}; is this a finished vptool run directory?")
+    recipe = resolve(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
+    dev = resolve_device(device or recipe.train.device)
+    setup = prepare(recipe, dev)
+    setup.model.load_adapter(str(run / "adapter.safetensors"))
+    summary = run / "summary.json"
+    if summary.is_file():
+        want = json.loads(summary.read_text()).get("backbone", {}).get("checkpoint_sha256")
+        if want and setup.backbone.checkpoint_sha256 and want != setup.backbone.checkpoint_sha256:
+            log.warning("backbone checkpoint differs from the one the run was trained with (sha256 %s vs %s)",
+                        setup.backbone.checkpoint_sha256[:12], want[:12])
+    return recipe, setup

@@ -1,0 +1,406 @@
+"""Recipes: a strict schema over YAML, method presets, and ``--set`` overrides.
+
+A recipe is resolved in four layers, later ones winning: the schema's defaults, the method preset named by
+``method``, the YAML file, then ``--set a.b=value`` overrides. Every layer goes through the same validation:
+unknown keys are errors that name the dotted path and the nearest valid key, wrong types and missing required
+keys likewise, and every problem is collected and reported at once (``RecipeError``).
+
+The YAML is read with ``yaml.safe_load``; nothing in a recipe is ever executed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from vptool.errors import RecipeError, UserError
+
+
+def _f(default: Any = None, help: str = "", required: bool = False, factory=None):
+    md = {"help": help, "required": required}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = _f(None, "embedded name (vit_digits_mae) or any timm model name", required=True)
+    pretrained: bool = _f(True, "load the embedded weights / timm's pretrained weights (HF cache, offline)")
+    checkpoint: Optional[str] = _f(None, "timm-layout state dict (.safetensors, or .pth/.pt) to load strictly")
+    kwargs: dict = _f(help="extra timm constructor kwargs, e.g. {img_size: 32, depth: 2}", factory=dict)
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits", "imagefolder"] = _f(None, "digits (bundled) or imagefolder", required=True)
+    root: Optional[str] = _f(None, "imagefolder: root/{train,val,test}/<class>/*")
+    split_seed: int = _f(0, "seed of the stratified train/val/test split")
+    val_fraction: float = _f(0.1, "imagefolder without val/: stratified fraction of train held out")
+    train_transform: Literal["resize", "crop_flip"] = _f(
+        "resize", "resize (VTAB) or crop_flip (random resized crop + horizontal flip, FGVC)")
+    batch_size: int = _f(64, "training batch size B")
+    eval_batch_size: int = _f(256, "evaluation batch size")
+    num_workers: int = _f(0, "DataLoader worker processes")
+
+
+@dataclass
+class PromptConfig:
+    mode: Literal["none", "shallow", "deep"] = _f("none", "none | shallow (VPT eq. 4-5) | deep (VPT eq. 7)")
+    length: int = _f(10, "Np, prompt tokens per set")
+    init: Literal["xavier", "zeros", "file"] = _f("xavier", "xavier (VPT) | zeros | file (init-prompts output)")
+    file: Optional[str] = _f(None, "init: file -> safetensors with prompts.shallow / prompts.deep")
+    dropout: float = _f(0.0, "dropout on each prompt set when inserted (train mode only)")
+    trainable: bool = _f(True, "false freezes the prompts (head only, SPT Tab. 4a)")
+
+
+@dataclass
+class ReadoutConfig:
+    pool: Literal["cls", "avg", "avg_all"] = _f(
+        "cls", "cls | avg (patch tokens) | avg_all (every token after CLS, prompts included)")
+    norm: Literal["pretrained", "fresh", "none"] = _f(
+        "pretrained", "pretrained (backbone's final norm) | fresh (new LayerNorm, MAE fc_norm) | none")
+
+
+@dataclass
+class HeadConfig:
+    type: Literal["linear"] = _f("linear", "classification head on the readout")
+
+
+@dataclass
+class TrainConfig:
+    tune: Literal["prompts", "head", "all"] = _f(
+        "prompts", "prompts (+head) | head (linear probe) | all (full fine-tune)")
+    epochs: int = _f(20, "training epochs")
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", "sgd (momentum) or adamw")
+    lr: float = _f(0.1, "base learning rate")
+    lr_scaling: Literal["none", "linear"] = _f("none", "linear: lr = base lr * batch_size / 256")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.0, "weight decay")
+    warmup_epochs: int = _f(0, "linear warmup epochs, then cosine decay")
+    device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    compile: bool = _f(False, "torch.compile the prompted model")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs", "parent folder of run directories")
+    name: Optional[str] = _f(None, "run directory name (default: the recipe file's stem)")
+
+
+@dataclass
+class Recipe:
+    method: str = _f(None, "method preset: see `vptool train --help`", required=True)
+    seed: int = _f(0, "training seed (init, batch order, dropout)")
+    backbone: BackboneConfig = _f(factory=BackboneConfig)
+    data: DataConfig = _f(factory=DataConfig)
+    prompt: PromptConfig = _f(factory=PromptConfig)
+    readout: ReadoutConfig = _f(factory=ReadoutConfig)
+    head: HeadConfig = _f(factory=HeadConfig)
+    train: TrainConfig = _f(factory=TrainConfig)
+    output: OutputConfig = _f(factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    defaults: dict
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(name: str, description: str, defaults: dict) -> Preset:
+    """Register a method preset (a point in the option space). Rejects a name that is already taken.
+
+    Raises:
+        ValueError: ``name`` is registered already.
+    """
+    if name in PRESETS:
+        raise ValueError(f"method preset {name!r} is registered already ({PRESETS[name].description})")
+    PRESETS[name] = Preset(name, description, copy.deepcopy(defaults))
+    return PRESETS[name]
+
+
+register_preset("linear", "linear probe: frozen backbone, train the head only",
+                {"prompt": {"mode": "none"}, "train": {"tune": "head", "optimizer": "sgd"}})
+register_preset("full", "full fine-tune: every backbone tensor and the head (AdamW)",
+                {"prompt": {"mode": "none"},
+                 "train": {"tune": "all", "optimizer": "adamw", "lr": 1e-3, "lr_scaling": "linear",
+                           "weight_decay": 1e-4}})
+register_preset("vpt-shallow", "VPT-shallow (Jia et al. 2022, eq. 4-5): Np prompts before block 1",
+                {"prompt": {"mode": "shallow", "length": 10, "init": "xavier", "dropout": 0.0},
+                 "train": {"tune": "prompts", "optimizer": "sgd"}})
+register_preset("vpt-deep", "VPT-deep (Jia et al. 2022, eq. 7): a prompt set before every block",
+                {"prompt": {"mode": "deep", "length": 10, "init": "xavier", "dropout": 0.1},
+                 "train": {"tune": "prompts", "optimizer": "sgd"}})
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def _all_paths(cls, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        p = f"{prefix}{f.name}"
+        out.append(p)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(_all_paths(hints[f.name], p + "."))
+    return out
+
+
+def _suggest(key: str, siblings: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    elsewhere = [p for p in _all_paths(Recipe) if p.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f"; did you mean {elsewhere[0]}?"
+    return f"; valid keys here: {', '.join(siblings)}"
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check(tp, value, path: str, errors: list[str]):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check(inner, value, path, errors)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, errors)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        errors.append(f"{path}: {value!r} is not one of {_type_name(tp)}{hint}")
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return None
+
+
+def _build(cls, raw, path: str, errors: list[str]):
+    where = path or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a mapping of keys, got {type(raw).__name__} {raw!r}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    prefix = f"{path}." if path else ""
+    for key in raw:
+        if key not in fields:
+            errors.append(f"{prefix}{key}: unknown key{_suggest(str(key), list(fields), prefix)}")
+    kwargs = {}
+    for name, f in fields.items():
+        p = prefix + name
+        if name not in raw or (raw[name] is None and f.metadata.get("required")):
+            if f.metadata.get("required"):
+                errors.append(f"{p}: missing required key ({f.metadata['help']})")
+            elif dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], {}, p, errors)
+            continue
+        kwargs[name] = _check(hints[name], raw[name], p, errors)
+    if any(v is None and f.metadata.get("required") for v, f in
+           ((kwargs.get(n), f) for n, f in fields.items())):
+        return None
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a field could not be built; errors already hold the reason
+        return None
+
+
+def _cross_checks(r: Recipe) -> list[str]:
+    """Checks across fields; each problem names the keys and the fix."""
+    e = []
+    if r.method not in PRESETS:
+        close = difflib.get_close_matches(r.method, list(PRESETS), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(PRESETS)}"
+        return [f"method: unknown preset {r.method!r}; {hint}"]  # the rest depends on the preset
+    if r.data.dataset == "imagefolder" and not r.data.root:
+        e.append("data.root: missing; dataset imagefolder needs root/{train,val,test}/<class>/* (set data.root)")
+    if r.prompt.init == "file" and not r.prompt.file:
+        e.append("prompt.file: missing; prompt.init 'file' needs the path of an init-prompts output")
+    if r.train.tune == "prompts" and r.prompt.mode == "none":
+        e.append("train.tune: 'prompts' needs prompt.mode shallow or deep; use tune: head for a linear probe")
+    if r.train.tune == "prompts" and not r.prompt.trainable and r.prompt.mode != "none":
+        pass  # frozen prompts, head only: valid (SPT Tab. 4a)
+    for key, value, lo in (("prompt.length", r.prompt.length, 1), ("train.epochs", r.train.epochs, 1),
+                           ("data.batch_size", r.data.batch_size, 1),
+                           ("data.eval_batch_size", r.data.eval_batch_size, 1),
+                           ("data.num_workers", r.data.num_workers, 0),
+                           ("train.warmup_epochs", r.train.warmup_epochs, 0)):
+        if value < lo:
+            e.append(f"{key}: {value} is below the minimum {lo}")
+    if r.train.warmup_epochs >= r.train.epochs and r.train.epochs >= 1:
+        e.append(f"train.warmup_epochs: {r.train.warmup_epochs} must be below train.epochs ({r.train.epochs})")
+    if not r.train.lr > 0:
+        e.append(f"train.lr: {r.train.lr} must be > 0")
+    if not 0.0 <= r.prompt.dropout < 1.0:
+        e.append(f"prompt.dropout: {r.prompt.dropout} must be in [0, 1)")
+    if not 0.0 < r.data.val_fraction < 1.0:
+        e.append(f"data.val_fraction: {r.data.val_fraction} must be in (0, 1)")
+    dev = r.train.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        e.append(f"train.device: {dev!r} is not auto, cpu, cuda or cuda:N")
+    return e
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Return ``base`` updated by ``over`` recursively (nested mappings merged, other values replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ``["a.b=1", "c=x"]`` into a nested mapping; values are parsed as YAML scalars (safe_load).
+
+    Raises:
+        RecipeError: an item has no ``=`` or an empty key.
+    """
+    out: dict = {}
+    problems = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"{item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=0.05")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"{item!r}: {part} is set twice, once as a value")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise RecipeError(problems, source="--set")
+    return out
+
+
+def validate(raw: dict, source: str | None = None) -> Recipe:
+    """Validate a raw mapping (after presets and overrides are merged) into a ``Recipe``.
+
+    Raises:
+        RecipeError: with every problem found, one line each.
+    """
+    errors: list[str] = []
+    recipe = _build(Recipe, raw, "", errors)
+    if recipe is not None and not errors:
+        errors.extend(_cross_checks(recipe))
+    if errors:
+        raise RecipeError(errors, source=source)
+    return recipe
+
+
+def resolve(raw: dict, overrides: dict | None = None, source: str | None = None) -> Recipe:
+    """Apply the method preset under ``raw`` and ``overrides`` over it, then validate.
+
+    Raises:
+        RecipeError: unknown, missing or mistyped keys (all of them), or an unknown method.
+    """
+    if not isinstance(raw, dict):
+        raise RecipeError([f"recipe: expected a mapping of keys, got {type(raw).__name__}"], source=source)
+    merged = deep_merge(raw, overrides or {})
+    method = merged.get("method")
+    if isinstance(method, str) and method in PRESETS:
+        merged = deep_merge(PRESETS[method].defaults, merged)
+    return validate(merged, source=source)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with ``yaml.safe_load``.
+
+    Raises:
+        UserError: the file is missing, unreadable, not YAML, or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: recipe not found; pass the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{p}:{where}: {problem}; fix the YAML syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p}: cannot read recipe ({exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: a recipe is a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge preset and ``--set`` overrides, and validate a recipe file.
+
+    The run name defaults to the file's stem (``recipes/quickstart.yaml`` -> ``runs/quickstart``).
+
+    Raises:
+        UserError / RecipeError: see ``read_yaml`` and ``resolve``.
+    """
+    raw = read_yaml(path)
+    ov = parse_overrides(overrides or [])
+    recipe = resolve(raw, ov, source=str(path))
+    if recipe.output.name is None:
+        recipe.output.name = Path(path).stem
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (every default filled in)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False)
