@@ -161,3 +161,28 @@ def test_bad_input_exits_2_with_one_line(tmp_path, change, needle):
     assert needle in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_names_the_file(tmp_path, workers):
+    from PIL import Image
+
+    from vptool.data.digits import digits_split
+
+    images, labels = digits_split(0)["train"]
+    root = tmp_path / "images"
+    for split in ("train", "test"):
+        for i in range(12):
+            d = root / split / f"c{labels[i] % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((images[i] * 255).astype(np.uint8)).convert("RGB").save(d / f"{i}.png")
+    bad = root / "train" / "c0" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really an image")
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, data={"dataset": "imagefolder", "root": str(root),
+                                                              "num_workers": workers, "val_fraction": 0.25},
+                                              train={"epochs": 1, "warmup_epochs": 0}))
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0], proc.stderr
+    assert not (tmp_path / "runs" / "tiny").exists()  # the partial run is removed

@@ -42,6 +42,17 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _one_line(exc: Exception) -> str:
+    """The message's one line; for an error re-raised from a DataLoader worker, the original error's line."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        marker = f"{type(exc).__name__}: "
+        for ln in reversed(lines):
+            if marker in ln:
+                return ln.split(marker, 1)[1]
+    return lines[0]
+
+
 def cli_errors(fn):
     """Map exceptions to exit codes: UserError -> 2 (one line each), anything else -> 1."""
 
@@ -61,7 +72,7 @@ def cli_errors(fn):
         except UserError as exc:
             if debug:
                 raise
-            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
+            _fail(_one_line(exc), 2)
         except RunError as exc:
             if debug:
                 raise

@@ -108,39 +108,42 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
     t_start = time.time()
     run = prepare_run_dir(recipe, overwrite)
     setup = setup or prepare(recipe)  # every input error surfaces here, before anything is written
+    if run.exists():  # --overwrite: the old run goes only now that the new one is known to build
+        shutil.rmtree(run)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(dump_recipe(recipe))
+    try:
+        return _fit(recipe, setup, run, obs, t_start)
+    except UserError:  # bad input found mid-run (e.g. a corrupt image): leave no half-written run behind
+        shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def _fit(recipe: Recipe, setup: Setup, run: Path, obs: Observer, t_start: float) -> dict:
+    """The epochs, the best-validation adapter, the test evaluation and the run files."""
     model, splits, device, amp = setup.model, setup.splits, setup.device, setup.amp_dtype
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
-
     trainable, total = model.parameter_summary()
     obs.run_start({"run_dir": str(run), "device": str(device), "amp": str(amp) if amp else "fp32",
                    "params": format_parameter_summary(trainable, total), "train_images": len(splits.train),
                    "val_images": len(splits.val), "test_images": len(splits.test), "classes": len(splits.classes)})
     log.info(format_parameter_summary(trainable, total))
 
-    pin = device.type == "cuda"
     d = recipe.data
     train_loader = make_loader(splits.train, d.batch_size, shuffle=True, num_workers=d.num_workers,
-                               seed=recipe.seed, pin_memory=pin)
+                               seed=recipe.seed, pin_memory=device.type == "cuda")
     val_loader = eval_loader(setup, recipe, "val")
-    params = model.trainable_parameters()
-    optimizer = make_optimizer(recipe, params)
+    optimizer = make_optimizer(recipe, model.trainable_parameters())
     steps_per_epoch = len(train_loader)
     total_steps = recipe.train.epochs * steps_per_epoch
     warmup_steps = recipe.train.warmup_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     fwd = torch.compile(model) if recipe.train.compile else model
-
-    if run.exists():  # --overwrite: the old run goes only now that the new one is known to build
-        shutil.rmtree(run)
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "recipe.yaml").write_text(dump_recipe(recipe))
     adapter_meta = {"vptool_version": vptool.__version__, "method": recipe.method, "backbone": setup.backbone.name}
     metrics_path = run / "metrics.jsonl"
     metrics_path.write_text("")
-
     best_acc, best_epoch, best_state = -1.0, 0, None
     for epoch in range(1, recipe.train.epochs + 1):
         t0 = time.time()

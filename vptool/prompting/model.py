@@ -127,7 +127,7 @@ class PromptedViT(nn.Module):
         self.backbone.eval()
 
     # ------------------------------------------------------------------------------------------- modes
-    def train(self, mode: bool = True) -> "PromptedViT":
+    def train(self, mode: bool = True) -> PromptedViT:
         """Train mode for prompts/head only: the backbone always stays in eval mode (no drop-path/dropout)."""
         super().train(mode)
         self.backbone.eval()
