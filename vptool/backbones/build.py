@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _reason(exc: Exception) -> str:
+    """One plain line from a loader error (for torch's weights-only refusal: the rejected global)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("WeightsUnpickler error:"):
+            return ln[len("WeightsUnpickler error:"):].strip()
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_state_dict(path: str | Path, key: str = "backbone.checkpoint") -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch pickle loaded with ``weights_only=True``.
 
@@ -67,8 +78,8 @@ def read_state_dict(path: str | Path, key: str = "backbone.checkpoint") -> dict[
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors / pickle errors have many types; all mean "cannot read this file"
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{key}: cannot read {p} as a weights-only checkpoint ({msg})") from None
+        raise UserError(f"{key}: cannot read {p} as a weights-only checkpoint ({_reason(exc)}); "
+                        "vptool never unpickles code: convert it to a plain state dict or .safetensors") from None
     if isinstance(sd, dict):
         for wrapper in ("model", "state_dict"):
             if wrapper in sd and isinstance(sd[wrapper], dict):

@@ -5,6 +5,7 @@ Input size, mean and std always come from the backbone's data config (timm ``res
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,8 @@ def build_transforms(data_config: dict, train_transform: str, from_pil: bool):
     """(train, eval) torchvision v2 transforms for a backbone's data config.
 
     ``resize`` (VPT's VTAB setting): resize to the input size, both for training and evaluation.
-    ``crop_flip`` (VPT's FGVC setting): random resized crop + horizontal flip for training; resize to
-    size / crop_pct and center crop for evaluation.
+    ``crop_flip`` (VPT's FGVC setting): random resized crop + horizontal flip for training; for evaluation,
+    resize the shorter side to size / crop_pct (aspect ratio kept) and center crop.
 
     Args:
         data_config: timm data config (``input_size`` (3, H, W), ``mean``, ``std``, ``crop_pct``).
@@ -52,7 +53,10 @@ def build_transforms(data_config: dict, train_transform: str, from_pil: bool):
     if train_transform == "crop_flip":
         crop_pct = float(data_config.get("crop_pct") or 0.875)
         train = v2.Compose(head + [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), norm])
-        pre = tuple(int(s / crop_pct) for s in size)
+        if size[0] == size[1]:  # shorter side to size / crop_pct, aspect kept (timm's eval transform)
+            pre = int(math.floor(size[0] / crop_pct))
+        else:
+            pre = tuple(int(math.floor(s / crop_pct)) for s in size)
         evaluate = v2.Compose(head + [v2.Resize(pre, antialias=True), v2.CenterCrop(size), norm])
     else:
         train = v2.Compose(head + [v2.Resize(size, antialias=True), norm])
