@@ -165,3 +165,15 @@ def test_adapter_round_trip_identical_logits(tmp_path, images):
     assert not torch.equal(a(images), b(images))
     b.load_adapter(str(path))
     assert torch.equal(a(images), b(images))
+
+
+def test_adapter_state_dict_is_a_snapshot(tiny_backbone):
+    """The best-validation adapter must not follow the parameters as training goes on."""
+    model = PromptedViT(tiny_backbone, 4, "shallow", 3)
+    snap = model.adapter_state_dict()
+    before = snap["prompts.shallow"].clone()
+    with torch.no_grad():
+        model.prompts.shallow.add_(1.0)
+        model.head.weight.mul_(2.0)
+    assert torch.equal(snap["prompts.shallow"], before)
+    assert not torch.equal(snap["head.weight"], model.head.weight)

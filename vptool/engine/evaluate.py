@@ -61,6 +61,9 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[Recipe, Se
         UserError: not a run directory, or its files do not match each other.
     """
     run = Path(run_dir)
+    if run.is_file() and run.suffix in (".yaml", ".yml"):
+        raise UserError(f"{run}: is a recipe; eval takes the run directory `vptool train {run}` writes "
+                        "(e.g. runs/quickstart)")
     if not run.is_dir():
         raise UserError(f"{run}: run directory not found; pass the folder `vptool train` wrote (e.g. runs/quickstart)")
     for name in ("recipe.yaml", "adapter.safetensors"):

@@ -223,7 +223,7 @@ class PromptedViT(nn.Module):
         return mods
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors the run saves: prompts, head, fc_norm (fresh), and the backbone only when ``tune="all"``.
+        """A copy of the tensors the run saves: prompts, head, fc_norm (fresh), the backbone only when ``tune="all"``.
 
         Names follow the adapter contract: ``prompts.shallow`` (Np, D) or ``prompts.deep`` (L, Np, D),
         ``head.weight`` (K, D), ``head.bias`` (K,), ``fc_norm.weight``/``fc_norm.bias`` (D,).
@@ -231,7 +231,7 @@ class PromptedViT(nn.Module):
         out = {}
         for prefix, mod in self.adapter_modules().items():
             for name, t in mod.state_dict().items():
-                out[f"{prefix}.{name}"] = t.detach().float().cpu().contiguous()
+                out[f"{prefix}.{name}"] = t.detach().float().cpu().clone().contiguous()  # a snapshot, not a view
         return out
 
     def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
