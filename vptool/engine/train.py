@@ -122,9 +122,8 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
 def _fit(recipe: Recipe, setup: Setup, run: Path, obs: Observer, t_start: float) -> dict:
     """The epochs, the best-validation adapter, the test evaluation and the run files."""
     model, splits, device, amp = setup.model, setup.splits, setup.device, setup.amp_dtype
-    if torch.backends.cudnn.is_available():
-        torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cpu":  # bitwise repeatable on CPU; on CUDA, speed wins (cuBLAS/SDPA kernels may vary)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     trainable, total = model.parameter_summary()
     obs.run_start({"run_dir": str(run), "device": str(device), "amp": str(amp) if amp else "fp32",
                    "params": format_parameter_summary(trainable, total), "train_images": len(splits.train),
