@@ -55,3 +55,12 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "vptool", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
+
+
+def assert_one_line_naming(exc: pytest.ExceptionInfo, *needles: str) -> str:
+    """The raised error's message is one line and names every needle (key, path, value)."""
+    msg = str(exc.value)
+    assert "\n" not in msg, f"UserError message spans several lines: {msg!r}"
+    for n in needles:
+        assert n in msg, f"{n!r} not named in {msg!r}"
+    return msg

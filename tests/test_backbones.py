@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_naming
 from safetensors.torch import save_file
 
 from vptool.backbones.build import build_backbone
@@ -74,14 +75,6 @@ def write_checkpoint(sd: dict[str, torch.Tensor], path: Path, container: str) ->
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     assert a.dtype == b.dtype == torch.float32
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
-
-
-def assert_one_line_naming(exc: pytest.ExceptionInfo, *needles: str) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg, f"UserError message spans several lines: {msg!r}"
-    for n in needles:
-        assert n in msg, f"{n!r} not named in {msg!r}"
-    return msg
 
 
 def test_layout_matches_the_built_model():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_naming
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import Subset
@@ -43,14 +44,6 @@ def expected(img_chw01: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     m = torch.tensor(MEAN, dtype=torch.float64)[:, None, None]
     s = torch.tensor(STD, dtype=torch.float64)[:, None, None]
     return ((x - m) / s).float()
-
-
-def one_line(exc: pytest.ExceptionInfo, *needles: str) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg, f"UserError message spans several lines: {msg!r}"
-    for n in needles:
-        assert n in msg, f"{n!r} not named in {msg!r}"
-    return msg
 
 
 # ================================================ digits ========================================================
@@ -245,14 +238,14 @@ def test_imagefolder_class_lists_must_agree(tmp_path, sk, split, other_classes):
     make_tree(tmp_path, sk, {split: 2}, classes=other_classes)
     with pytest.raises(UserError) as exc:
         build_splits(imagefolder(tmp_path), data_config(12))
-    one_line(exc, "data.root", str(tmp_path / split))
+    assert_one_line_naming(exc, "data.root", str(tmp_path / split))
 
 
 def test_imagefolder_missing_root(tmp_path):
     root = tmp_path / "no" / "such" / "dataset"
     with pytest.raises(UserError) as exc:
         build_splits(imagefolder(root), data_config(12))
-    one_line(exc, "data.root", str(root))
+    assert_one_line_naming(exc, "data.root", str(root))
 
 
 @pytest.mark.parametrize("missing", ["train", "test"])
@@ -260,7 +253,7 @@ def test_imagefolder_missing_split_folder(tmp_path, sk, missing):
     make_tree(tmp_path, sk, {s: 2 for s in ("train", "val", "test") if s != missing})
     with pytest.raises(UserError) as exc:
         build_splits(imagefolder(tmp_path), data_config(12))
-    one_line(exc, "data.root", str(tmp_path / missing))
+    assert_one_line_naming(exc, "data.root", str(tmp_path / missing))
 
 
 def _garbage(path: Path) -> None:
@@ -283,7 +276,7 @@ def test_imagefolder_corrupt_image_named_when_loaded(tmp_path, sk, split, make_b
     i = sample_paths(ds).index(bad)
     with pytest.raises(UserError) as exc:
         ds[i]
-    one_line(exc, str(bad))
+    assert_one_line_naming(exc, str(bad))
     x, _ = ds[i - 1]  # its neighbours still load
     assert x.shape == (3, 12, 12)
 
@@ -297,7 +290,7 @@ def test_imagefolder_corrupt_image_in_heldout_val(tmp_path, sk):
         if bad in sample_paths(ds):
             with pytest.raises(UserError) as exc:
                 ds[sample_paths(ds).index(bad)]
-            one_line(exc, str(bad))
+            assert_one_line_naming(exc, str(bad))
             break
     else:
         pytest.fail("the corrupt file is in neither train nor val")
