@@ -264,8 +264,6 @@ def _cross_checks(r: Recipe) -> list[str]:
         e.append("prompt.file: missing; prompt.init 'file' needs the path of an init-prompts output")
     if r.train.tune == "prompts" and r.prompt.mode == "none":
         e.append("train.tune: 'prompts' needs prompt.mode shallow or deep; use tune: head for a linear probe")
-    if r.train.tune == "prompts" and not r.prompt.trainable and r.prompt.mode != "none":
-        pass  # frozen prompts, head only: valid (SPT Tab. 4a)
     for key, value, lo in (("prompt.length", r.prompt.length, 1), ("train.epochs", r.train.epochs, 1),
                            ("data.batch_size", r.data.batch_size, 1),
                            ("data.eval_batch_size", r.data.eval_batch_size, 1),

@@ -34,10 +34,10 @@ class PromptTokens(nn.Module):
     (B, Np, D masks), in train mode only.
     """
 
-    def __init__(self, mode: str, length: int, depth: int, dim: int, init: torch.Tensor, dropout: float = 0.0):
+    def __init__(self, mode: str, init: torch.Tensor, dropout: float = 0.0):
         super().__init__()
         self.mode = mode
-        self.length = length
+        self.length = init.shape[-2]  # Np
         setattr(self, mode, nn.Parameter(init))
         self.dropout = nn.Dropout(dropout)
 
@@ -98,7 +98,6 @@ class PromptedViT(nn.Module):
         self.num_prefix_tokens = backbone.num_prefix_tokens
         D = backbone.embed_dim
         L = len(backbone.blocks)
-        self.depth = L
 
         self.prompts: PromptTokens | None = None
         if prompt_mode != "none":
@@ -110,7 +109,7 @@ class PromptedViT(nn.Module):
                 init = load_prompt_file(prompt_file, name, shape)
             else:
                 init = init_prompts(shape, prompt_init, tuple(backbone.patch_embed.patch_size), D, generator)
-            self.prompts = PromptTokens(prompt_mode, prompt_length, L, D, init, prompt_dropout)
+            self.prompts = PromptTokens(prompt_mode, init, prompt_dropout)
 
         self.fc_norm = nn.LayerNorm(D, eps=1e-6) if readout_norm == "fresh" else None
         self.head = nn.Linear(D, num_classes)
