@@ -242,13 +242,7 @@ def _build(cls, raw, path: str, errors: list[str]):
                 kwargs[name] = _build(hints[name], {}, p, errors)
             continue
         kwargs[name] = _check(hints[name], raw[name], p, errors)
-    if any(v is None and f.metadata.get("required") for v, f in
-           ((kwargs.get(n), f) for n, f in fields.items())):
-        return None
-    try:
-        return cls(**kwargs)
-    except TypeError:  # a field could not be built; errors already hold the reason
-        return None
+    return cls(**kwargs)  # every field has a default; any problem is already in ``errors``
 
 
 def _cross_checks(r: Recipe) -> list[str]:

@@ -136,8 +136,11 @@ def load_split_images(split: str, img_size: int, split_seed: int = 0) -> tuple[t
     return x, labels
 
 
-def normalise(x: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
-    """Applies the backbone's per-channel normalisation (all channels share mean and std here)."""
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Applies the backbone's per-channel normalisation (its data config: ``EMBEDDED[...].mean/std``)."""
+    emb = EMBEDDED[BACKBONE]
+    mean = torch.tensor(emb.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(emb.std, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
