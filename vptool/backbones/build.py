@@ -1,26 +1,31 @@
 """Build a frozen timm ViT backbone and load checkpoints strictly.
 
 A backbone is any timm ``VisionTransformer`` whose blocks are timm's standard pre-norm ``Block`` with the
-standard ``Attention`` (the prompted forward in ``vptool.prompting`` reuses those modules' weights). It is named
+standard ``Attention``, or a timm ``Beit`` (BEiT v1/v2: relative position bias, layer scale) with its own
+``Block``/``Attention`` (the prompted forward in ``vptool.prompting`` reuses those modules' weights). It is named
 either by an embedded name (``vit_digits_mae``, see ``embedded.py``) or by any timm model name, with
 constructor kwargs so tests can build tiny configurations.
 
-Checkpoints are read with ``safetensors`` or ``torch.load(weights_only=True)`` -- nothing in a file is executed --
-and compared key by key with the model: every missing key, unexpected key and shape mismatch is reported.
+Checkpoints are read with ``safetensors`` or ``torch.load(weights_only=True)`` -- nothing in a file is executed
+(only ``argparse.Namespace`` is allow-listed, for the ``args`` of training dumps) -- their layout is detected
+from the keys and converted by a pure converter (``convert.py``), and the result is compared key by key with
+the model: every missing key, unexpected key and shape mismatch is reported.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from vptool.backbones.convert import BEITV2_INDEX_KEY, CONVERTERS, beit_constructor_kwargs, detect_format
 from vptool.backbones.embedded import EMBEDDED
 from vptool.errors import UserError
 
@@ -32,12 +37,26 @@ IGNORED_PREFIXES = ("head.",)
 
 @dataclass
 class BackboneInfo:
-    """What a run records about its backbone (``summary.json``)."""
+    """What a run records about its backbone (``summary.json``).
+
+    Attributes:
+        name: the backbone name as given (embedded or timm).
+        checkpoint: path of the loaded weights file, or None (random init / timm's own pretrained weights).
+        checkpoint_sha256: hex SHA-256 of that file, or None.
+        data_config: timm data config (``input_size``, ``mean``, ``std``, ...), lists instead of tuples.
+        format: the detected checkpoint layout (a key of ``convert.CONVERTERS``: ``"timm"``,
+            ``"beitv2-pretrain"``), or None when no file was loaded.
+        extras: pretrained tensors the timm model has no slot for, name -> tensor (never written to JSON),
+            e.g. ``"mask_token"`` (1, 1, D) float32, ``"lm_head.weight"`` (V, D), ``"lm_head.bias"`` (V,) for
+            ``beitv2-pretrain``; empty otherwise.
+    """
 
     name: str
     checkpoint: str | None
     checkpoint_sha256: str | None
     data_config: dict
+    format: str | None = None
+    extras: dict = field(default_factory=dict, repr=False)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -62,7 +81,9 @@ def _reason(exc: Exception) -> str:
 def read_state_dict(path: str | Path, key: str = "backbone.checkpoint") -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch pickle loaded with ``weights_only=True``.
 
-    A torch file may hold the state dict itself or wrap it as ``{"model": sd}`` / ``{"state_dict": sd}``.
+    A torch file may hold the state dict itself or wrap it as ``{"model": sd}`` / ``{"state_dict": sd}``; other
+    entries of a training dump (optimizer, epoch, scaler, ``args`` as an ``argparse.Namespace``) are read and
+    discarded. ``argparse.Namespace`` is the only class allow-listed beyond torch's weights-only set.
 
     Raises:
         UserError: the file is missing, unreadable, unsafe to unpickle, or holds no tensor mapping.
@@ -76,7 +97,9 @@ def read_state_dict(path: str | Path, key: str = "backbone.checkpoint") -> dict[
 
             sd = load_file(str(p))
         else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            # Namespace only restores attributes (no __reduce__/__setstate__ code), so allowing it runs nothing
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors / pickle errors have many types; all mean "cannot read this file"
         raise UserError(f"{key}: cannot read {p} as a weights-only checkpoint ({_reason(exc)}); "
                         "vptool never unpickles code: convert it to a plain state dict or .safetensors") from None
@@ -120,17 +143,26 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
 def check_supported(model: nn.Module, name: str) -> None:
     """Refuse a backbone the prompted forward does not support.
 
+    Supported: a timm ``VisionTransformer`` whose blocks are all the standard ``Block`` with ``Attention``, or a
+    timm ``Beit`` whose blocks are all ``timm.models.beit.Block`` with ``timm.models.beit.Attention`` (shared or
+    per-block relative position bias).
+
     Raises:
-        UserError: ``model`` is not a timm VisionTransformer with standard ``Block``/``Attention``.
+        UserError: ``model`` is neither of those, or uses attention pooling.
     """
     from timm.layers import Attention
+    from timm.models import beit
     from timm.models.vision_transformer import Block, VisionTransformer
 
-    ok = isinstance(model, VisionTransformer) and all(
-        type(b) is Block and type(b.attn) is Attention for b in model.blocks)
+    if isinstance(model, beit.Beit):
+        ok = all(type(b) is beit.Block and type(b.attn) is beit.Attention for b in model.blocks)
+    else:
+        ok = isinstance(model, VisionTransformer) and all(
+            type(b) is Block and type(b.attn) is Attention for b in model.blocks)
     if not ok:
         raise UserError(f"backbone.name: {name!r} is not supported yet; vptool prompts timm VisionTransformer "
-                        "models with standard pre-norm blocks (e.g. vit_base_patch16_224)")
+                        "models with standard pre-norm blocks (e.g. vit_base_patch16_224) and timm BEiT models "
+                        "(e.g. beitv2_base_patch16_224)")
     if getattr(model, "attn_pool", None) is not None:
         raise UserError(f"backbone.name: {name!r} uses attention pooling (global_pool='map'), not supported")
 
@@ -154,27 +186,92 @@ def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
         raise
 
 
+def _is_other_model(name: str) -> bool:
+    """``name`` is embedded or a known timm model outside ``timm.models.beit`` (unknown names are not)."""
+    import timm
+
+    return name in EMBEDDED or (timm.is_model(name) and name not in timm.list_models(module="beit"))
+
+
+def _format_kwargs(fmt: str, kwargs: dict) -> dict:
+    """Merge the constructor kwargs a checkpoint layout requires into the user's ``backbone.kwargs``.
+
+    The layout kwargs win: a user kwarg that would change the layout (``use_abs_pos_emb``, ``use_rel_pos_bias``,
+    ``use_shared_rel_pos_bias``, ``use_fc_norm``, ``qkv_bias``) to another value is an error, not silently
+    overridden. ``init_values`` is the exception: any non-zero user value is kept (loading overwrites it).
+    Size kwargs (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ...) pass through.
+
+    Raises:
+        UserError: a user kwarg contradicts the layout, naming ``backbone.kwargs.<key>``.
+    """
+    need = beit_constructor_kwargs(fmt)
+    for k, v in kwargs.items():
+        if k == "init_values":
+            if not v:
+                raise UserError(f"backbone.kwargs.init_values: {v!r} disables layer scale but the {fmt} checkpoint "
+                                "has gamma_1/gamma_2; remove init_values or set it non-zero")
+        elif k in need and v != need[k]:
+            raise UserError(f"backbone.kwargs.{k}: {v!r} conflicts with the {fmt} checkpoint layout (needs "
+                            f"{need[k]!r}); remove {k} from backbone.kwargs")
+    return {**need, **kwargs}
+
+
+def _check_rel_pos_index(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """The file's ``rel_pos_bias.relative_position_index`` (if any) must equal the one timm recomputed.
+
+    Raises:
+        UserError: the indices differ in shape or value (the table would be read in a different order).
+    """
+    file_idx = sd.get(BEITV2_INDEX_KEY)
+    rpb = getattr(model, "rel_pos_bias", None)
+    if file_idx is None or rpb is None:
+        return
+    own = rpb.relative_position_index
+    if file_idx.shape != own.shape or not torch.equal(file_idx.to(own.dtype), own):
+        raise UserError(f"backbone.checkpoint: {source}: {BEITV2_INDEX_KEY} {tuple(file_idx.shape)} differs from "
+                        f"the index timm computes for the model {tuple(own.shape)}; check backbone.kwargs "
+                        "img_size/patch_size against the checkpoint")
+
+
 def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = None,
                    kwargs: dict | None = None) -> tuple[nn.Module, BackboneInfo]:
     """Build a frozen ViT backbone in eval mode.
 
+    When ``checkpoint`` is given the file is read first and its layout detected (``convert.detect_format``):
+
+    - ``"timm"``: the model is built from ``name``/``kwargs`` and the file loaded strictly as is;
+    - ``"beitv2-pretrain"``: ``name`` must be a timm BEiT model (``beitv2_base_patch16_224``); it is built with
+      ``convert.beit_constructor_kwargs`` merged over ``kwargs`` (no absolute position embedding, shared
+      relative position bias, final norm, layer scale; a conflicting user kwarg is an error), the file is
+      converted, loaded strictly, and ``mask_token``/``lm_head.*`` are returned in ``info.extras``.
+
     Args:
         name: embedded name (``vit_digits_mae``) or a timm model name.
         pretrained: load the embedded weights, or timm's pretrained weights (ignored when ``checkpoint`` is set).
-        checkpoint: path of a timm-layout state dict to load strictly instead.
+        checkpoint: path of a state dict (timm layout or a detected format) to load strictly instead.
         kwargs: extra constructor kwargs (``img_size``, ``depth``, ``embed_dim``, ...).
 
     Returns:
         ``(model, info)``: the backbone with ``requires_grad=False`` everywhere, and what a run records about it.
 
     Raises:
-        UserError: unknown name, bad kwargs, missing/mismatched checkpoint, unsupported architecture.
+        UserError: unknown name, bad kwargs, missing/unreadable/mismatched checkpoint, a checkpoint layout the
+            named model cannot hold, unsupported architecture.
     """
     from timm.data import resolve_model_data_config
     from timm.models.vision_transformer import VisionTransformer
 
     kwargs = dict(kwargs or {})
-    ckpt_path = None
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    sd = fmt = None
+    if ckpt_path is not None:
+        sd = read_state_dict(ckpt_path, "backbone.checkpoint")
+        fmt = detect_format(sd)
+        if fmt == "beitv2-pretrain":
+            if _is_other_model(name):  # an unknown name falls through to _create_timm's did-you-mean
+                raise UserError(f"backbone.name: {name!r} cannot hold the BEiT v2 pretraining checkpoint "
+                                f"{ckpt_path}; set backbone.name to a timm BEiT model, e.g. beitv2_base_patch16_224")
+            kwargs = _format_kwargs(fmt, kwargs)
     if name in EMBEDDED:
         emb = EMBEDDED[name]
         try:
@@ -192,17 +289,23 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
     else:
         model = _create_timm(name, pretrained and checkpoint is None, kwargs)
     check_supported(model, name)
-    if checkpoint is not None:
-        ckpt_path = Path(checkpoint)
     sha = None
+    extras: dict[str, torch.Tensor] = {}
     if ckpt_path is not None:
-        sd = read_state_dict(ckpt_path, "backbone.checkpoint" if checkpoint else "backbone.name")
-        load_strict(model, sd, str(ckpt_path))
+        if sd is None:  # the embedded weights
+            sd = read_state_dict(ckpt_path, "backbone.name")
+            fmt = detect_format(sd)
+        timm_sd, extras, ignored = CONVERTERS[fmt](sd)
+        load_strict(model, timm_sd, str(ckpt_path))
+        _check_rel_pos_index(model, sd, str(ckpt_path))
+        if ignored:
+            log.info("%s: %s checkpoint, ignored keys: %s", ckpt_path, fmt, ", ".join(ignored))
         sha = sha256_file(ckpt_path)
     model.requires_grad_(False)
     model.eval()
     cfg = resolve_model_data_config(model)
     cfg["input_size"] = (3, *model.patch_embed.img_size)  # the size the model was built for
     info = BackboneInfo(name=name, checkpoint=str(ckpt_path) if ckpt_path else None, checkpoint_sha256=sha,
-                        data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()})
+                        data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                        format=fmt, extras=extras)
     return model, info
