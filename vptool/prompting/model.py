@@ -1,19 +1,39 @@
-"""The prompted forward: one frozen timm ViT, prompt tokens, a readout and a head.
+"""The prompted forward: one frozen timm ViT or BEiT, prompt tokens, extra tokens, a readout and a head.
 
-Every method is a point in one option space (``docs: DESIGN.md §1``): prompt mode ``none`` / ``shallow`` /
-``deep``, prompt init, readout pool and norm, and which tensors are tuned. Presets in ``vptool.recipe`` name the
-points the papers use.
+Every method is a point in one option space (DESIGN.md §1); presets in ``vptool.recipe`` name the points the
+papers use. The axes, each independent of the others:
 
-Token sequence entering block 1 (VPT, Jia et al. 2022, eq. 4): ``[CLS, P, E]``: prompts are inserted after the
-position embedding, at ``backbone.num_prefix_tokens``, and get no position embedding.
+- prompt mode ``none`` / ``shallow`` / ``deep`` / ``gated``:
+  - ``shallow`` (VPT, Jia et al. 2022, eq. 4-5): one set P (Np, D) inserted once and carried through every block.
+  - ``deep`` (VPT eq. 7): L sets P (L, Np, D); set i enters block i+1 and the block's prompt outputs are dropped.
+    Computed in the prefix form (``attention.block_forward(prefix=...)``), equal to the concatenated form on every
+    other row. When the readout needs the last block's prompt outputs (``avg_all``) the last block runs
+    concatenated.
+  - ``gated`` (GateVPT, Yoo et al. 2023, eq. 6-8, Alg. 1): shallow prompts; after block l (l = 1..L-1, not the
+    last) the prompt rows become ``g_l * out + (1 - g_l) * in`` with ``g_l = sigmoid(gamma_l)`` (eq. 6-7).
+    Gate priors start at ``gamma_l = -gate_init`` (official code). ``hard`` gates (Table 4 ablation) are a
+    straight-through Gumbel-sigmoid: in training ``s = sigmoid(gamma + log u - log(1 - u))``, u ~ U(0, 1) drawn
+    per image and gate, forward value ``1[s > 0.5]``, gradient of ``s``; in evaluation ``1[gamma > 0]``.
+- learnable attention temperature (GateVPT eq. 9): tau_l per block, init 1, logits divided by tau_l for every
+  token and head; kept in ``[temperature_min, temperature_max]`` (official code: [0.01, 10]) by clamping in the
+  forward and projecting the parameter after each optimizer step (``constrain_``), like the official in-place clamp.
+  On BEiT the relative position bias is part of the logit and is divided too.
+- extra tokens: a [MASK] token (VPTM §4.1, eq. 6): the backbone's pretrained ``mask_token`` (BEiT v2), or a
+  learnable one (init truncated normal, std 0.02, as BEiT initialises its own) for backbones without one.
+- token order: a string over ``C`` (prefix/CLS tokens), ``X`` (patch tokens), ``P`` (prompt rows), ``M`` ([MASK]),
+  ``C`` first. Default ``CPX`` (VPT eq. 4) or ``CXPM`` with a mask token (VPTM eq. 6); VPTM Table 5 also uses
+  ``CXMP``, ``CPMX``, ``CMPX``.
+- readout pool ``cls`` / ``avg`` (patch tokens) / ``avg_all`` (every token after the prefix tokens: prompts,
+  [MASK] and patches) / ``mask`` (the [MASK] row, VPTM h[MASK]); norm ``pretrained`` / ``fresh`` / ``none``.
+- head ``linear`` / ``verbalizer`` / ``mlp1`` / ``mlp2`` (``heads.py``).
 
-- ``shallow`` (VPT eq. 4-5): one set P (Np, D) inserted once and carried through every block.
-- ``deep`` (VPT eq. 7): L sets P (L, Np, D); set i enters block i+1 and the block's prompt outputs are dropped.
-  Computed in the prefix form (``attention.prefix_block_forward``), which equals the concatenated form on every
-  CLS/patch output. When the readout needs the last block's prompt outputs (``avg_all``), the last block runs in
-  the concatenated form.
+Positions: prompts and [MASK] get no position embedding. On BEiT the (shared and/or per-block) relative position
+bias covers CLS and patches exactly as in pretraining; every pair involving a prompt or [MASK] token gets zero
+bias. Attention is then permutation-equivariant over the rows, so the four VPTM orders give the same logits up
+to float rounding (``tests/test_methods.py`` checks it). VPTM Table 5 reports different accuracies per order;
+those are separately trained runs, and the paper does not describe a position signal for the extra tokens.
 
-Shapes: B images, N patch tokens, Np prompts per set, D width, K classes, L blocks.
+Shapes: B images, N patch tokens, Np prompts per set, D width, K classes, L blocks, H heads.
 """
 
 from __future__ import annotations
@@ -23,8 +43,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from vptool.errors import UserError
-from vptool.prompting.attention import prefix_block_forward
+from vptool.prompting.attention import block_forward, block_rel_pos_bias
+from vptool.prompting.heads import build_head
 from vptool.prompting.init import init_prompts, load_prompt_file
+
+PROMPT_MODES = ("none", "shallow", "deep", "gated")
 
 
 class PromptTokens(nn.Module):
@@ -49,25 +72,68 @@ class PromptTokens(nn.Module):
         return p
 
 
-class PromptedViT(nn.Module):
-    """A frozen timm ViT with VPT prompts, a readout and a linear head.
+class PromptGates(nn.Module):
+    """GateVPT gate priors gamma (L-1,) (eq. 6), soft or straight-through Gumbel-sigmoid (``hard``).
 
     Args:
-        backbone: frozen timm ``VisionTransformer`` (see ``vptool.backbones.build_backbone``).
+        num_gates: L - 1.
+        gate_init: gamma starts at ``-gate_init`` (official code; ``5`` gives g ~ 0.0067).
+        kind: ``soft`` or ``hard``.
+    """
+
+    def __init__(self, num_gates: int, gate_init: float = 5.0, kind: str = "soft"):
+        super().__init__()
+        if kind not in ("soft", "hard"):
+            raise ValueError(f"gate kind {kind!r}")
+        self.kind = kind
+        self.logit = nn.Parameter(torch.full((num_gates,), -float(gate_init)))
+
+    def values(self, B: int) -> torch.Tensor:
+        """Gate values used in this forward: (L-1,) or, for hard gates in training, (B, L-1)."""
+        if self.kind == "soft":
+            return self.logit.sigmoid()
+        if not self.training:
+            return (self.logit > 0).to(self.logit.dtype)
+        u = torch.rand(B, self.logit.shape[0], device=self.logit.device).clamp_(1e-6, 1 - 1e-6)
+        s = (self.logit + torch.log(u) - torch.log1p(-u)).sigmoid()
+        hard = (s > 0.5).to(s.dtype)
+        return hard + (s - s.detach())  # straight-through: exactly 0/1 forward, the Gumbel-sigmoid's gradient
+
+    @torch.no_grad()
+    def eval_values(self) -> torch.Tensor:
+        """The gates evaluation uses: sigmoid(gamma) (soft) or 1[gamma > 0] (hard), (L-1,)."""
+        return self.logit.sigmoid() if self.kind == "soft" else (self.logit > 0).float()
+
+
+class PromptedViT(nn.Module):
+    """A frozen timm ViT/BEiT with prompts, optional [MASK] token, temperature, a readout and a head.
+
+    Args:
+        backbone: frozen timm ``VisionTransformer`` or ``Beit`` (see ``vptool.backbones.build_backbone``).
         num_classes: K.
-        prompt_mode: ``none``, ``shallow`` (VPT eq. 4-5) or ``deep`` (VPT eq. 7).
+        prompt_mode: ``none``, ``shallow`` (VPT eq. 4-5), ``deep`` (VPT eq. 7) or ``gated`` (GateVPT eq. 6-8).
         prompt_length: Np.
         prompt_init: ``xavier`` (VPT), ``zeros`` (VPTM) or ``file``.
         prompt_file: init-prompts safetensors for ``prompt_init="file"``.
         prompt_dropout: dropout probability on each inserted prompt set.
         prompt_trainable: False freezes the prompts (head only; SPT Tab. 4a).
-        readout_pool: ``cls``, ``avg`` (mean of patch tokens) or ``avg_all`` (mean of every token after the
-            prefix tokens, prompts included).
+        readout_pool: ``cls``, ``avg``, ``avg_all`` or ``mask``.
         readout_norm: ``pretrained`` (backbone's final LayerNorm), ``fresh`` (new LayerNorm, weight 1, bias 0:
             MAE's fc_norm; trained only when ``tune="all"``) or ``none``. Applied after pooling.
-        tune: ``prompts`` (prompts + head), ``head`` (linear probe) or ``all`` (full fine-tune).
+        tune: ``prompts`` (prompts, gates, temperature, learned [MASK] and head), ``head`` (linear probe) or
+            ``all`` (full fine-tune).
         deep_form: ``prefix`` (default) or ``concat`` (reference form, for tests and benchmarks).
-        generator: RNG for the prompt and head init.
+        generator: RNG for the prompt, head and [MASK] init.
+        gate_init: GateVPT gate priors start at ``-gate_init``.
+        gate_kind: ``soft`` or ``hard`` (straight-through Gumbel-sigmoid).
+        temperature: ``fixed`` (tau = 1) or ``learnable`` (GateVPT eq. 9).
+        temperature_range: (min, max) for the learnable temperature.
+        mask_token: ``none``, ``auto`` (pretrained when the backbone has one, else learnable), ``pretrained`` or
+            ``learnable``.
+        pretrained_mask_token: the backbone's pretrained [MASK] embedding (1, 1, D) or (1, D), if any.
+        token_order: order string (see module doc); None for the default.
+        head: ``linear``, ``verbalizer``, ``mlp1`` or ``mlp2``.
+        head_dim: t (verbalizer prototype width) or the ``mlp2`` hidden width.
 
     Input Shape:
         (B, 3, H, W) images normalised with the backbone's data config.
@@ -75,21 +141,27 @@ class PromptedViT(nn.Module):
         (B, K) logits.
 
     Raises:
-        UserError: an option the backbone cannot support (e.g. ``cls`` readout without a class token).
+        UserError: an option the backbone cannot support (``cls`` readout without a class token, a pretrained
+            [MASK] token the backbone does not have, an invalid token order).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, prompt_mode: str = "none", prompt_length: int = 10,
                  prompt_init: str = "xavier", prompt_file: str | None = None, prompt_dropout: float = 0.0,
                  prompt_trainable: bool = True, readout_pool: str = "cls", readout_norm: str = "pretrained",
-                 tune: str = "prompts", deep_form: str = "prefix", generator: torch.Generator | None = None):
+                 tune: str = "prompts", deep_form: str = "prefix", generator: torch.Generator | None = None,
+                 gate_init: float = 5.0, gate_kind: str = "soft", temperature: str = "fixed",
+                 temperature_range: tuple[float, float] = (0.01, 10.0), mask_token: str = "none",
+                 pretrained_mask_token: torch.Tensor | None = None, token_order: str | None = None,
+                 head: str = "linear", head_dim: int = 128):
         super().__init__()
-        if prompt_mode not in ("none", "shallow", "deep"):
+        if prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode {prompt_mode!r}")
         if deep_form not in ("prefix", "concat"):
             raise ValueError(f"deep_form {deep_form!r}")
         if readout_pool == "cls" and getattr(backbone, "cls_token", None) is None:
             raise UserError("readout.pool: 'cls' needs a backbone with a class token; use avg")
         self.backbone = backbone
+        self.is_beit = hasattr(backbone, "rel_pos_bias")
         self.prompt_mode = prompt_mode
         self.readout_pool = readout_pool
         self.readout_norm = readout_norm
@@ -99,31 +171,80 @@ class PromptedViT(nn.Module):
         D = backbone.embed_dim
         L = len(backbone.blocks)
 
+        # ---- prompts
         self.prompts: PromptTokens | None = None
         if prompt_mode != "none":
-            shape = (prompt_length, D) if prompt_mode == "shallow" else (L, prompt_length, D)
-            name = f"prompts.{prompt_mode}"
+            kind = "deep" if prompt_mode == "deep" else "shallow"
+            shape = (prompt_length, D) if kind == "shallow" else (L, prompt_length, D)
+            name = f"prompts.{kind}"
             if prompt_init == "file":
                 if not prompt_file:
                     raise UserError("prompt.file: missing; prompt.init 'file' needs an init-prompts output")
                 init = load_prompt_file(prompt_file, name, shape)
             else:
                 init = init_prompts(shape, prompt_init, tuple(backbone.patch_embed.patch_size), D, generator)
-            self.prompts = PromptTokens(prompt_mode, init, prompt_dropout)
+            self.prompts = PromptTokens(kind, init, prompt_dropout)
+        self.gates = PromptGates(L - 1, gate_init, gate_kind) if prompt_mode == "gated" else None
 
+        # ---- temperature (GateVPT eq. 9)
+        self.temperature_range = tuple(float(v) for v in temperature_range)
+        self.temperature = nn.Parameter(torch.ones(L)) if temperature == "learnable" else None
+
+        # ---- [MASK] token (VPTM eq. 6)
+        self.mask_source: str | None = None
+        self.mask_token: torch.Tensor | None
+        if mask_token == "none":
+            self.mask_token = None
+        else:
+            have = pretrained_mask_token is not None
+            if mask_token == "pretrained" and not have:
+                raise UserError("tokens.mask: 'pretrained' but this backbone has no pretrained [MASK] embedding "
+                                "(a BEiT v2 pretraining checkpoint has one); use auto or learnable")
+            if mask_token in ("pretrained", "auto") and have:
+                self.register_buffer("mask_token", pretrained_mask_token.detach().float().reshape(1, D).clone(),
+                                     persistent=False)
+                self.mask_source = "pretrained"
+            else:
+                t = torch.empty(1, D)
+                nn.init.trunc_normal_(t, std=0.02, generator=generator)
+                self.mask_token = nn.Parameter(t)
+                self.mask_source = "learned"
+        if readout_pool == "mask" and self.mask_source is None:
+            raise UserError("readout.pool: 'mask' needs a [MASK] token; set tokens.mask: auto")
+
+        # ---- token layout
+        self.order = self._check_order(token_order)
+        self.prompt_rows = prompt_mode in ("shallow", "gated")  # prompts are rows of every block's input
+
+        # ---- readout and head
         self.fc_norm = nn.LayerNorm(D, eps=1e-6) if readout_norm == "fresh" else None
-        self.head = nn.Linear(D, num_classes)
-        with torch.no_grad():
-            nn.init.trunc_normal_(self.head.weight, std=0.02, generator=generator)
-            self.head.bias.zero_()
+        self.head_name, head_module = build_head(head, D, num_classes, head_dim, generator)
+        setattr(self, self.head_name, head_module)
 
-        # The trainable set, explicit. The backbone is frozen unless tune == "all".
+        # ---- the trainable set, explicit. The backbone is frozen unless tune == "all".
         self.backbone.requires_grad_(tune == "all")
         if self.fc_norm is not None:
             self.fc_norm.requires_grad_(tune == "all")
+        adapt = tune in ("prompts", "all")
         if self.prompts is not None:
-            self.prompts.requires_grad_(prompt_trainable and tune in ("prompts", "all"))
+            self.prompts.requires_grad_(prompt_trainable and adapt)
+        for p in (self.gates, self.temperature):
+            if p is not None:
+                p.requires_grad_(adapt)
+        if isinstance(self.mask_token, nn.Parameter):
+            self.mask_token.requires_grad_(adapt)
         self.backbone.eval()
+
+    def _check_order(self, order: str | None) -> str:
+        letters = {"C", "X"} | ({"P"} if self.prompts is not None else set()) | (
+            {"M"} if self.mask_source is not None else set())
+        if order is None:
+            order = "CXPM" if self.mask_source is not None else "CPX"
+            order = "".join(ch for ch in order if ch in letters)
+        if sorted(order) != sorted(letters) or not order.startswith("C"):
+            raise UserError(f"tokens.order: {order!r} must start with C and use each of {''.join(sorted(letters))} "
+                            "once (C class/prefix tokens, X patches, P prompts, M [MASK]), e.g. CXPM")
+        return order
 
     # ------------------------------------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> PromptedViT:
@@ -132,27 +253,89 @@ class PromptedViT(nn.Module):
         self.backbone.eval()
         return self
 
-    @property
-    def num_prompt_rows(self) -> int:
-        """Prompt rows present in ``forward_features``'s output (shallow always; deep only for avg_all)."""
-        if self.prompts is None:
-            return 0
-        if self.prompt_mode == "shallow" or self.readout_pool == "avg_all":
-            return self.prompts.length
-        return 0
+    def get_classifier(self) -> nn.Module:
+        """The classification head module (registered as ``head`` or ``verbalizer``)."""
+        return getattr(self, self.head_name)
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Project constrained parameters back into range after an optimizer step (temperature clamp)."""
+        if self.temperature is not None:
+            self.temperature.clamp_(*self.temperature_range)
+
+    # ------------------------------------------------------------------------------------------- layout
+    def _lengths(self, N: int) -> dict[str, int]:
+        return {"C": self.num_prefix_tokens, "X": N, "P": self.prompts.length if self.prompts else 0, "M": 1}
+
+    def row_order(self, with_prompts: bool | None = None) -> str:
+        """The order of the rows present in a block's input (P only when prompts are rows)."""
+        keep = self.prompt_rows if with_prompts is None else with_prompts
+        return self.order if keep else self.order.replace("P", "")
+
+    def slices(self, order: str, N: int) -> dict[str, slice]:
+        """Row slices of each letter of ``order`` for N patch tokens."""
+        lengths, out, s = self._lengths(N), {}, 0
+        for ch in order:
+            out[ch] = slice(s, s + lengths[ch])
+            s += lengths[ch]
+        return out
+
+    def _assemble(self, parts: dict[str, torch.Tensor], order: str) -> torch.Tensor:
+        return torch.cat([parts[ch] for ch in order], dim=1)
+
+    def _split(self, x: torch.Tensor, order: str, N: int) -> dict[str, torch.Tensor]:
+        return {ch: x[:, sl] for ch, sl in self.slices(order, N).items()}
+
+    def _rel_bias(self, rel: torch.Tensor | None, order: str, N: int, prefix: int = 0) -> torch.Tensor | None:
+        """Expand a (1 or H, 1+N, 1+N) CLS+patch relative position bias to the rows of ``order``.
+
+        Returns (1, H, T, prefix + T) with zeros for prompt and [MASK] rows/columns and ``prefix`` leading
+        zero columns (deep prompts' keys), or None without a relative position bias.
+        """
+        if rel is None:
+            return None
+        rel = rel.reshape(-1, *rel.shape[-3:])[0] if rel.dim() == 4 else rel  # (H, 1+N, 1+N)
+        sl = self.slices(order, N)
+        idx = torch.cat([torch.arange(sl["C"].start, sl["C"].stop), torch.arange(sl["X"].start, sl["X"].stop)])
+        idx = idx.to(rel.device)
+        T = sl[order[-1]].stop
+        full = rel.new_zeros(rel.shape[0], T, prefix + T)
+        full[:, idx[:, None], prefix + idx[None, :]] = rel
+        return full.unsqueeze(0)
+
+    def _block_bias(self, blk: nn.Module, shared: torch.Tensor | None) -> torch.Tensor | None:
+        own = block_rel_pos_bias(blk) if self.is_beit else None
+        if own is None:
+            return shared
+        own = own[0]
+        return own if shared is None else own + shared
 
     # ------------------------------------------------------------------------------------------- forward
-    def _insert(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        n = self.num_prefix_tokens
-        return torch.cat([x[:, :n], p.expand(x.shape[0], -1, -1).to(x.dtype), x[:, n:]], dim=1)
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding + position embedding + prefix tokens: (B, 3, H, W) -> (B, n_prefix + N, D)."""
         bb = self.backbone
+        if self.is_beit:
+            x = bb.patch_embed(x)
+            x = torch.cat([bb.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            if bb.pos_embed is not None:
+                x = x + bb.pos_embed
+            return bb.pos_drop(x)
         x = bb.patch_embed(x)
         x = bb._pos_embed(x)
         x = bb.patch_drop(x)
         return bb.norm_pre(x)
+
+    def _run(self, blk: nn.Module, x: torch.Tensor, tau: torch.Tensor | None, bias: torch.Tensor | None,
+             prefix: torch.Tensor | None = None) -> torch.Tensor:
+        if tau is None and bias is None and prefix is None and not self.is_beit:
+            return blk(x)  # timm's own forward (fused attention)
+        return block_forward(blk, x, prefix=prefix, temperature=tau, attn_bias=bias)
+
+    def temperatures(self) -> torch.Tensor | None:
+        """tau (L,) clamped to the allowed range, or None when the temperature is fixed."""
+        if self.temperature is None:
+            return None
+        return self.temperature.clamp(*self.temperature_range)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block, before any norm.
@@ -160,37 +343,73 @@ class PromptedViT(nn.Module):
         Input Shape:
             (B, 3, H, W)
         Output Shape:
-            (B, n_prefix + num_prompt_rows + N, D): prefix tokens, then prompt rows (shallow, or deep with
-            ``avg_all``), then patch tokens.
+            (B, T, D), rows in ``self.output_order`` (``self.slices`` gives each letter's rows): prefix tokens,
+            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row.
         """
-        x = self.embed(x)
-        B = x.shape[0]
-        mode = self.prompt_mode
-        if mode == "shallow":
-            x = self._insert(x, self.prompts.set(None, B))
+        tok = self.embed(x)
+        B = tok.shape[0]
+        N = tok.shape[1] - self.num_prefix_tokens
+        parts = {"C": tok[:, :self.num_prefix_tokens], "X": tok[:, self.num_prefix_tokens:]}
+        if self.mask_source is not None:
+            parts["M"] = self.mask_token.to(tok.dtype).unsqueeze(0).expand(B, -1, -1)
+        if self.prompt_rows:
+            parts["P"] = self.prompts.set(None, B).to(tok.dtype).expand(B, -1, -1)
+        order = self.row_order()
+        h = self._assemble(parts, order)
+        shared = self.backbone.rel_pos_bias() if self.is_beit and self.backbone.rel_pos_bias is not None else None
+        taus = self.temperatures()
+        gates = self.gates.values(B) if self.gates is not None else None
         blocks = self.backbone.blocks
+        L = len(blocks)
+        Np = self.prompts.length if self.prompts is not None else 0
         for i, blk in enumerate(blocks):
-            if mode != "deep":
-                x = blk(x)
+            tau = None if taus is None else taus[i]
+            rel = self._block_bias(blk, shared) if self.is_beit else None
+            if self.prompt_mode == "deep":
+                p = self.prompts.set(i, B).to(h.dtype)
+                keep_rows = i == L - 1 and self.readout_pool == "avg_all"
+                if self.deep_form == "prefix" and not keep_rows:
+                    h = self._run(blk, h, tau, self._rel_bias(rel, order, N, prefix=Np), prefix=p)
+                    continue
+                full = self.row_order(with_prompts=True)
+                y = self._run(blk, self._assemble({**self._split(h, order, N), "P": p.expand(B, -1, -1)}, full),
+                              tau, self._rel_bias(rel, full, N))
+                if keep_rows:
+                    h, order = y, full
+                else:
+                    y_parts = self._split(y, full, N)
+                    h = self._assemble(y_parts, order)
                 continue
-            p = self.prompts.set(i, B)
-            keep_rows = i == len(blocks) - 1 and self.readout_pool == "avg_all"
-            if self.deep_form == "prefix" and not keep_rows:
-                x = prefix_block_forward(blk, x, p.to(x.dtype))
-            else:
-                y = blk(self._insert(x, p))
-                n = self.num_prefix_tokens
-                x = y if keep_rows else torch.cat([y[:, :n], y[:, n + self.prompts.length:]], dim=1)
-        return x
+            h_in = h
+            h = self._run(blk, h, tau, self._rel_bias(rel, order, N))
+            if gates is not None and i < L - 1:  # GateVPT eq. 7: no gate after the last block
+                g = gates[..., i]
+                g = g.view(-1, 1, 1) if g.dim() == 1 else g
+                sl = self.slices(order, N)["P"]
+                gated = g.to(h.dtype) * h[:, sl] + (1 - g.to(h.dtype)) * h_in[:, sl]
+                h = torch.cat([h[:, :sl.start], gated, h[:, sl.stop:]], dim=1)
+        return h
+
+    @property
+    def output_order(self) -> str:
+        """Row order of ``forward_features``'s output."""
+        if self.prompt_mode == "deep":
+            return self.row_order(with_prompts=self.readout_pool == "avg_all")
+        return self.row_order()
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
-        """Pool then norm: (B, T, D) tokens -> (B, D) features for the head."""
+        """Pool then norm: (B, T, D) tokens from ``forward_features`` -> (B, D) features for the head."""
+        order = self.output_order
         n = self.num_prefix_tokens
+        N = x.shape[1] - sum(self._lengths(0)[ch] for ch in order if ch != "X")
+        sl = self.slices(order, N)
         if self.readout_pool == "cls":
             z = x[:, 0]
         elif self.readout_pool == "avg":
-            z = x[:, n + self.num_prompt_rows:].mean(dim=1)
-        else:  # avg_all
+            z = x[:, sl["X"]].mean(dim=1)
+        elif self.readout_pool == "mask":
+            z = x[:, sl["M"].start]
+        else:  # avg_all: every row after the prefix tokens
             z = x[:, n:].mean(dim=1)
         if self.readout_norm == "pretrained":
             bb = self.backbone
@@ -203,18 +422,24 @@ class PromptedViT(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, T, D) tokens -> (B, K) logits, or (B, D) features with ``pre_logits``."""
         z = self.readout(x)
-        return z if pre_logits else self.head(z)
+        return z if pre_logits else self.get_classifier()(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, K) logits."""
         return self.forward_head(self.forward_features(x))
 
     # ------------------------------------------------------------------------------------------- adapter
-    def adapter_modules(self) -> dict[str, nn.Module]:
-        """The modules whose tensors form the adapter (walked explicitly, not matched by name)."""
-        mods: dict[str, nn.Module] = {"head": self.head}
+    def adapter_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        """The modules and bare parameters whose tensors form the adapter (walked explicitly, not by name)."""
+        mods: dict[str, nn.Module | nn.Parameter] = {self.head_name: self.get_classifier()}
         if self.prompts is not None:
             mods["prompts"] = self.prompts
+        if self.gates is not None:
+            mods["gates"] = self.gates
+        if self.temperature is not None:
+            mods["temperature"] = self.temperature
+        if isinstance(self.mask_token, nn.Parameter):
+            mods["mask_token"] = self.mask_token
         if self.fc_norm is not None:
             mods["fc_norm"] = self.fc_norm
         if self.tune == "all":
@@ -222,15 +447,19 @@ class PromptedViT(nn.Module):
         return mods
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """A copy of the tensors the run saves: prompts, head, fc_norm (fresh), the backbone only when ``tune="all"``.
+        """A copy of the tensors the run saves (never the frozen backbone unless ``tune="all"``).
 
         Names follow the adapter contract: ``prompts.shallow`` (Np, D) or ``prompts.deep`` (L, Np, D),
-        ``head.weight`` (K, D), ``head.bias`` (K,), ``fc_norm.weight``/``fc_norm.bias`` (D,).
+        ``gates.logit`` (L-1,), ``temperature`` (L,), ``mask_token`` (1, D) when learned, ``head.weight`` (K, D),
+        ``head.bias`` (K,) (``head.fc1.*``/``head.fc2.*`` for mlp2), ``verbalizer.proj.weight`` (t, D),
+        ``verbalizer.proj.bias`` (t,), ``verbalizer.prototypes`` (K, t), ``fc_norm.weight``/``fc_norm.bias`` (D,).
         """
         out = {}
         for prefix, mod in self.adapter_modules().items():
-            for name, t in mod.state_dict().items():
-                out[f"{prefix}.{name}"] = t.detach().float().cpu().clone().contiguous()  # a snapshot, not a view
+            items = mod.state_dict().items() if isinstance(mod, nn.Module) else [("", mod)]
+            for name, t in items:
+                key = f"{prefix}.{name}" if name else prefix
+                out[key] = t.detach().float().cpu().clone().contiguous()  # a snapshot, not a view
         return out
 
     def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
@@ -247,8 +476,12 @@ class PromptedViT(nn.Module):
             raise UserError(f"{source}: does not match the model built from the recipe "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shapes[:3]})")
         for prefix, mod in self.adapter_modules().items():
-            sub = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
-            mod.load_state_dict(sub, strict=True)
+            if isinstance(mod, nn.Module):
+                sub = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
+                mod.load_state_dict(sub, strict=True)
+            else:
+                with torch.no_grad():
+                    mod.copy_(sd[prefix])
 
     def save_adapter(self, path: str, metadata: dict[str, str] | None = None) -> None:
         """Write the adapter tensors to ``path`` (safetensors, metadata ``format: pt``)."""
@@ -272,7 +505,7 @@ class PromptedViT(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_summary(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; ``all`` counts backbone + prompts + fc_norm + head."""
+        """(trainable, all) parameter counts; ``all`` counts backbone + every added tensor."""
         trainable = sum(p.numel() for p in self.trainable_parameters())
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
