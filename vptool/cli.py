@@ -153,7 +153,7 @@ def train(
 
     Method presets (recipe key `method`) fill defaults the recipe can override.
     """
-    from vptool.engine.setup import prepare
+    from vptool.engine.setup import dry_run as dry_run_recipe
     from vptool.engine.train import prepare_run_dir
     from vptool.engine.train import train as run_train
     from vptool.prompting.model import format_parameter_summary
@@ -161,14 +161,21 @@ def train(
 
     r = load_recipe(recipe, set_ or [])
     if dry_run:
-        setup = prepare(r)
-        trainable, total = setup.model.parameter_summary()
+        plan = dry_run_recipe(r)
+        for item in plan["inputs"]:
+            if not item["exists"]:
+                err.print(f"warning: {item['key']}: {item['path']} not found; the run will need it", markup=False)
         if json_out:
-            print(json.dumps({"recipe": r.to_dict(), "trainable_params": trainable, "total_params": total,
-                              "device": str(setup.device)}))
+            print(json.dumps(plan))
+            return
+        print(dump_recipe(r), end="")
+        if plan["trainable_params"] is None:
+            print(f"model not built: {plan['note']}")
         else:
-            print(dump_recipe(r), end="")
-            print(format_parameter_summary(trainable, total))
+            print(format_parameter_summary(plan["trainable_params"], plan["total_params"]))
+        if plan["mask_token"]:
+            print(f"[MASK] token: {plan['mask_token']}")
+        print("ready: all inputs found" if plan["ready"] else "not ready: inputs missing (see warnings)")
         return
     prepare_run_dir(r, overwrite)  # refuse an existing run before any slow work
     summary = run_train(r, overwrite=overwrite, observer=RichObserver(quiet=json_out))
@@ -177,6 +184,8 @@ def train(
     else:
         print(f"test top-1: {summary['test_top1']:.2f}%  top-5: {summary['test_top5']:.2f}%  "
               f"(best val {summary['val_acc']:.2f}% at epoch {summary['best_epoch']})  -> {summary['run_dir']}")
+        if "gates" in summary:
+            print(_gate_table(summary))
 
 
 train.__doc__ += "\n\n" + _methods_table().replace("\n", "\n\n")
@@ -198,7 +207,7 @@ def eval_(
     """Rebuild a trained model from its run directory and report top-1/top-5 on a split."""
     import numpy as np
 
-    from vptool.engine.evaluate import eval_loader, load_run, predict, topk_accuracy
+    from vptool.engine.evaluate import eval_loader, load_run, method_report, predict, topk_accuracy
 
     if split not in ("train", "val", "test"):
         raise UserError(f"--split: {split!r} is not train, val or test")
@@ -213,7 +222,8 @@ def eval_(
     loader = eval_loader(setup, recipe, split)
     logits, labels = predict(setup.model, loader, setup.device, setup.amp_dtype)
     result = {"run_dir": str(run_dir), "split": split, "images": int(labels.shape[0]),
-              "top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
+              "top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5),
+              **method_report(setup.model)}
     if save_logits is not None:
         np.save(save_logits, logits.numpy().astype(np.float32))
         result["logits"] = str(save_logits)
@@ -221,6 +231,22 @@ def eval_(
         print(json.dumps(result))
     else:
         print(f"{split} top-1: {result['top1']:.2f}%  top-5: {result['top5']:.2f}%  ({result['images']} images)")
+        if "gates" in result:
+            print(_gate_table(result))
+        if "temperature" in result:
+            print("temperature per block: " + " ".join(f"{t:.3f}" for t in result["temperature"]))
+        if "mask_token" in result:
+            print(f"[MASK] token: {result['mask_token']}")
+
+
+def _gate_table(result: dict) -> str:
+    """Gate values and GateVPT selection ratio (eq. 10-11) per block, one line each."""
+    ratio = result["selection_ratio"]
+    lines = ["block  gate      selection ratio (GateVPT eq. 11)"]
+    for i, g in enumerate(result["gates"]):
+        r = "n/a (all gates closed)" if ratio is None else f"{ratio[i]:.4f}"
+        lines.append(f"{i + 1:>5}  {g:.4f}    {r}")
+    return "\n".join(lines)
 
 
 @app.command()

@@ -46,6 +46,8 @@ class DataConfig:
     val_fraction: float = _f(0.1, "imagefolder without val/: stratified fraction of train held out")
     train_transform: Literal["resize", "crop_flip"] = _f(
         "resize", "resize (VTAB) or crop_flip (random resized crop + horizontal flip, FGVC)")
+    num_classes: Optional[int] = _f(None, "K; checked against the data when given (lets --dry-run size the head "
+                                          "before the data is on disk)")
     batch_size: int = _f(64, "training batch size B")
     eval_batch_size: int = _f(256, "evaluation batch size")
     num_workers: int = _f(0, "DataLoader worker processes")
@@ -53,25 +55,47 @@ class DataConfig:
 
 @dataclass
 class PromptConfig:
-    mode: Literal["none", "shallow", "deep"] = _f("none", "none | shallow (VPT eq. 4-5) | deep (VPT eq. 7)")
+    mode: Literal["none", "shallow", "deep", "gated"] = _f(
+        "none", "none | shallow (VPT eq. 4-5) | deep (VPT eq. 7) | gated (GateVPT eq. 6-8: shallow + gates)")
     length: int = _f(10, "Np, prompt tokens per set")
-    init: Literal["xavier", "zeros", "file"] = _f("xavier", "xavier (VPT) | zeros | file (init-prompts output)")
+    init: Literal["xavier", "zeros", "file"] = _f("xavier", "xavier (VPT) | zeros (VPTM) | file (init-prompts output)")
     file: Optional[str] = _f(None, "init: file -> safetensors with prompts.shallow / prompts.deep")
     dropout: float = _f(0.0, "dropout on each prompt set when inserted (train mode only)")
     trainable: bool = _f(True, "false freezes the prompts (head only, SPT Tab. 4a)")
+    gate_init: float = _f(5.0, "gated: gate priors start at -gate_init (GateVPT official code; Table 5 per task)")
+    gate: Literal["soft", "hard"] = _f("soft", "gated: soft sigmoid gates | hard (straight-through Gumbel-sigmoid)")
+
+
+@dataclass
+class AttentionConfig:
+    temperature: Literal["fixed", "learnable"] = _f(
+        "fixed", "fixed (tau = 1) | learnable (one tau per block, GateVPT eq. 9)")
+    temperature_min: float = _f(0.01, "learnable temperature lower clamp (official GateVPT code)")
+    temperature_max: float = _f(10.0, "learnable temperature upper clamp (official GateVPT code)")
+
+
+@dataclass
+class TokensConfig:
+    mask: Literal["none", "auto", "pretrained", "learnable"] = _f(
+        "none", "[MASK] token (VPTM): none | auto (pretrained if the backbone has one, else learnable) | "
+                "pretrained | learnable")
+    order: Optional[str] = _f(None, "token order over C (class), X (patches), P (prompts), M (mask), C first; "
+                                    "default CPX, or CXPM with a mask token (VPTM Table 5: CXPM CXMP CPMX CMPX)")
 
 
 @dataclass
 class ReadoutConfig:
-    pool: Literal["cls", "avg", "avg_all"] = _f(
-        "cls", "cls | avg (patch tokens) | avg_all (every token after CLS, prompts included)")
+    pool: Literal["cls", "avg", "avg_all", "mask"] = _f(
+        "cls", "cls | avg (patch tokens) | avg_all (every token after CLS, prompts included) | mask (VPTM h[MASK])")
     norm: Literal["pretrained", "fresh", "none"] = _f(
         "pretrained", "pretrained (backbone's final norm) | fresh (new LayerNorm, MAE fc_norm) | none")
 
 
 @dataclass
 class HeadConfig:
-    type: Literal["linear"] = _f("linear", "classification head on the readout")
+    type: Literal["linear", "verbalizer", "mlp1", "mlp2"] = _f(
+        "linear", "linear | verbalizer (VPTM eq. 7-9) | mlp1 | mlp2 (VPTM Table 4 baselines)")
+    dim: int = _f(128, "verbalizer prototype width t (VPTM default 128) or the mlp2 hidden width")
 
 
 @dataclass
@@ -103,6 +127,8 @@ class Recipe:
     backbone: BackboneConfig = _f(factory=BackboneConfig)
     data: DataConfig = _f(factory=DataConfig)
     prompt: PromptConfig = _f(factory=PromptConfig)
+    attention: AttentionConfig = _f(factory=AttentionConfig)
+    tokens: TokensConfig = _f(factory=TokensConfig)
     readout: ReadoutConfig = _f(factory=ReadoutConfig)
     head: HeadConfig = _f(factory=HeadConfig)
     train: TrainConfig = _f(factory=TrainConfig)
@@ -147,6 +173,19 @@ register_preset("vpt-shallow", "VPT-shallow (Jia et al. 2022, eq. 4-5): Np promp
 register_preset("vpt-deep", "VPT-deep (Jia et al. 2022, eq. 7): a prompt set before every block",
                 {"prompt": {"mode": "deep", "length": 10, "init": "xavier", "dropout": 0.1},
                  "train": {"tune": "prompts", "optimizer": "sgd"}})
+register_preset("gatevpt", "GateVPT (Yoo et al. 2023, eq. 6-9): gated shallow prompts + learnable temperature",
+                {"prompt": {"mode": "gated", "length": 100, "init": "xavier", "dropout": 0.1, "gate_init": 5.0,
+                            "gate": "soft"},
+                 "attention": {"temperature": "learnable"},
+                 "readout": {"pool": "avg_all", "norm": "pretrained"},
+                 "train": {"tune": "prompts", "optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0}})
+register_preset("vptm", "VPTM (§4, eq. 6-9): [MASK] token + zero-init shallow prompts + prototypical verbalizer",
+                {"prompt": {"mode": "shallow", "length": 20, "init": "zeros", "dropout": 0.0},
+                 "tokens": {"mask": "auto", "order": "CXPM"},
+                 "readout": {"pool": "mask", "norm": "pretrained"},
+                 "head": {"type": "verbalizer", "dim": 128},
+                 "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01,
+                           "warmup_epochs": 5}})
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -256,13 +295,30 @@ def _cross_checks(r: Recipe) -> list[str]:
         e.append("data.root: missing; dataset imagefolder needs root/{train,val,test}/<class>/* (set data.root)")
     if r.prompt.init == "file" and not r.prompt.file:
         e.append("prompt.file: missing; prompt.init 'file' needs the path of an init-prompts output")
-    if r.train.tune == "prompts" and r.prompt.mode == "none":
-        e.append("train.tune: 'prompts' needs prompt.mode shallow or deep; use tune: head for a linear probe")
+    if (r.train.tune == "prompts" and r.prompt.mode == "none" and r.attention.temperature == "fixed"
+            and r.tokens.mask in ("none", "pretrained")):
+        e.append("train.tune: 'prompts' but nothing but the head would train (prompt.mode none); "
+                 "set prompt.mode, or use tune: head for a linear probe")
+    if r.readout.pool == "mask" and r.tokens.mask == "none":
+        e.append("readout.pool: 'mask' reads the [MASK] token; set tokens.mask: auto (or pretrained/learnable)")
+    if r.tokens.order is not None:
+        letters = {"C", "X"} | ({"P"} if r.prompt.mode != "none" else set()) | (
+            {"M"} if r.tokens.mask != "none" else set())
+        o = r.tokens.order
+        if sorted(o) != sorted(letters) or not o.startswith("C"):
+            e.append(f"tokens.order: {o!r} must start with C and use each of {''.join(sorted(letters))} once "
+                     "(C class token, X patches, P prompts, M [MASK]), e.g. "
+                     + ("CXPM" if "M" in letters else "CPX"))
+    if not 0 < r.attention.temperature_min < r.attention.temperature_max:
+        e.append(f"attention.temperature_min: need 0 < temperature_min ({r.attention.temperature_min}) "
+                 f"< temperature_max ({r.attention.temperature_max})")
+    if r.data.num_classes is not None and r.data.num_classes < 2:
+        e.append(f"data.num_classes: {r.data.num_classes} is below the minimum 2")
     for key, value, lo in (("prompt.length", r.prompt.length, 1), ("train.epochs", r.train.epochs, 1),
                            ("data.batch_size", r.data.batch_size, 1),
                            ("data.eval_batch_size", r.data.eval_batch_size, 1),
                            ("data.num_workers", r.data.num_workers, 0),
-                           ("train.warmup_epochs", r.train.warmup_epochs, 0)):
+                           ("train.warmup_epochs", r.train.warmup_epochs, 0), ("head.dim", r.head.dim, 1)):
         if value < lo:
             e.append(f"{key}: {value} is below the minimum {lo}")
     if r.train.warmup_epochs >= r.train.epochs and r.train.epochs >= 1:

@@ -47,6 +47,23 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
     return 100.0 * int(hit.sum()) / int(labels.shape[0])
 
 
+def method_report(model: torch.nn.Module) -> dict:
+    """What a trained adapter says about its method: GateVPT gates and selection ratio (eq. 10-11), the
+    learned temperatures (eq. 9), and where the [MASK] token came from (``pretrained`` or ``learned``)."""
+    from vptool.analysis.gates import gate_report
+
+    out: dict = {}
+    gates = gate_report(model)
+    if gates is not None:
+        out.update(gates)
+    taus = model.temperatures() if hasattr(model, "temperatures") else None
+    if taus is not None:
+        out["temperature"] = [round(float(t), 6) for t in taus.detach().cpu()]
+    if getattr(model, "mask_source", None) is not None:
+        out["mask_token"] = model.mask_source
+    return out
+
+
 def eval_loader(setup: Setup, recipe: Recipe, split: str) -> DataLoader:
     """The deterministic evaluation loader of ``split`` (no shuffle, ``data.eval_batch_size``)."""
     return make_loader(setup.splits[split], recipe.data.eval_batch_size, shuffle=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +66,39 @@ class Setup:
     amp_dtype: torch.dtype | None
 
 
+def model_kwargs(recipe: Recipe) -> dict:
+    """``PromptedViT`` keyword arguments for a recipe (everything but backbone, K and the RNG)."""
+    p, a = recipe.prompt, recipe.attention
+    return dict(prompt_mode=p.mode, prompt_length=p.length, prompt_init=p.init, prompt_file=p.file,
+                prompt_dropout=p.dropout, prompt_trainable=p.trainable, readout_pool=recipe.readout.pool,
+                readout_norm=recipe.readout.norm, tune=recipe.train.tune, gate_init=p.gate_init, gate_kind=p.gate,
+                temperature=a.temperature, temperature_range=(a.temperature_min, a.temperature_max),
+                mask_token=recipe.tokens.mask, token_order=recipe.tokens.order, head=recipe.head.type,
+                head_dim=recipe.head.dim)
+
+
+def build_model(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo, num_classes: int,
+                **overrides) -> PromptedViT:
+    """The prompted model for ``recipe`` on ``backbone``, seeded by ``recipe.seed``.
+
+    Raises:
+        UserError: an option the backbone cannot support.
+    """
+    seed_everything(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
+    kw = {**model_kwargs(recipe), "pretrained_mask_token": info.extras.get("mask_token"), **overrides}
+    return PromptedViT(backbone, num_classes=num_classes, generator=g, **kw)
+
+
+def check_num_classes(recipe: Recipe, found: int) -> None:
+    """Raises UserError when ``data.num_classes`` is set and the data has another number of classes."""
+    want = recipe.data.num_classes
+    if want is not None and want != found:
+        where = recipe.data.root or recipe.data.dataset
+        raise UserError(f"data.num_classes: {want} but {where} has {found} classes; fix data.root or "
+                        "data.num_classes")
+
+
 def prepare(recipe: Recipe, device: torch.device | None = None) -> Setup:
     """Build backbone, data and model for ``recipe`` (model on ``device``, seeded by ``recipe.seed``).
 
@@ -76,12 +110,60 @@ def prepare(recipe: Recipe, device: torch.device | None = None) -> Setup:
     seed_everything(recipe.seed)  # a backbone without weights (pretrained: false) is then rebuilt identically
     backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs)
     splits = build_splits(recipe.data, info.data_config)
-    seed_everything(recipe.seed)
-    g = torch.Generator().manual_seed(recipe.seed)
-    p = recipe.prompt
-    model = PromptedViT(backbone, num_classes=len(splits.classes), prompt_mode=p.mode, prompt_length=p.length,
-                        prompt_init=p.init, prompt_file=p.file, prompt_dropout=p.dropout,
-                        prompt_trainable=p.trainable, readout_pool=recipe.readout.pool,
-                        readout_norm=recipe.readout.norm, tune=recipe.train.tune, generator=g)
+    check_num_classes(recipe, len(splits.classes))
+    model = build_model(recipe, backbone, info, len(splits.classes))
     model.to(device)
     return Setup(model, splits, info, device, autocast_dtype(recipe.train.precision, device))
+
+
+def recipe_inputs(recipe: Recipe) -> list[dict]:
+    """The files and folders a run of ``recipe`` reads: ``[{key, path, exists}]``."""
+    items = []
+    if recipe.backbone.checkpoint:
+        items.append(("backbone.checkpoint", recipe.backbone.checkpoint))
+    if recipe.data.dataset == "imagefolder" and recipe.data.root:
+        items.append(("data.root", recipe.data.root))
+    if recipe.prompt.init == "file" and recipe.prompt.file:
+        items.append(("prompt.file", recipe.prompt.file))
+    return [{"key": k, "path": str(v), "exists": Path(v).exists()} for k, v in items]
+
+
+def dry_run(recipe: Recipe) -> dict:
+    """Check a recipe without training: its inputs, and the model it builds (parameter counts).
+
+    Inputs that are not on disk yet (data, checkpoint, prompt file) are reported, not raised: the model is
+    then built from the backbone's architecture with random weights and ``data.num_classes``, so a recipe can
+    be checked before its data arrives. ``ready`` says whether a real run would find every input.
+
+    Raises:
+        UserError: the recipe cannot build a model (bad backbone name or kwargs, unsupported option, ...).
+    """
+    device = resolve_device(recipe.train.device)
+    inputs = recipe_inputs(recipe)
+    have = {i["key"]: i["exists"] for i in inputs}
+    b = recipe.backbone
+    seed_everything(recipe.seed)
+    if have.get("backbone.checkpoint", True):
+        backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs)
+    else:
+        backbone, info = build_backbone(b.name, False, None, b.kwargs)
+    num_classes = recipe.data.num_classes
+    if have.get("data.root", True):
+        splits = build_splits(recipe.data, info.data_config)
+        check_num_classes(recipe, len(splits.classes))
+        num_classes = len(splits.classes)
+    out = {"recipe": recipe.to_dict(), "inputs": inputs, "ready": all(have.values()), "device": str(device),
+           "trainable_params": None, "total_params": None, "mask_token": None}
+    if num_classes is None:
+        out["note"] = "data not found and data.num_classes unset: model not built"
+        return out
+    overrides = {} if have.get("prompt.file", True) else {"prompt_init": "xavier"}
+    if not have.get("backbone.checkpoint", True):
+        out["note"] = "checkpoint not read: backbone built from backbone.name with random weights"
+        if recipe.tokens.mask == "pretrained":  # the checkpoint will bring it; a placeholder of the same size
+            overrides["pretrained_mask_token"] = torch.zeros(1, 1, backbone.embed_dim)
+    model = build_model(recipe, backbone, info, num_classes, **overrides)
+    out["trainable_params"], out["total_params"] = model.parameter_summary()
+    out["mask_token"] = model.mask_source
+    out["num_classes"] = num_classes
+    return out

@@ -6,7 +6,9 @@ Run directory contract (stable; other tools read it):
 - ``metrics.jsonl``: one JSON object per epoch: ``epoch`` (1-based), ``lr`` (at the epoch's last step),
   ``train_loss`` (mean cross-entropy over the epoch's images), ``train_acc``, ``val_acc`` (percent), ``seconds``.
 - ``summary.json``: ``best_epoch``, ``val_acc``, ``test_top1``, ``test_top5`` (percent, best-validation adapter),
-  ``trainable_params``, ``total_params``, ``seconds``, ``vptool_version``, ``backbone`` (name, checkpoint, sha256).
+  ``trainable_params``, ``total_params``, ``seconds``, ``vptool_version``, ``backbone`` (name, checkpoint, sha256);
+  for gated prompts ``gates`` and ``selection_ratio`` (GateVPT eq. 10-11), with a learnable temperature
+  ``temperature`` (L values), with a [MASK] token ``mask_token``: ``pretrained`` or ``learned``.
 - ``adapter.safetensors`` + ``adapter_config.json``: the best-validation trainable tensors (never the frozen
   backbone) and the config needed to rebuild the model.
 - ``checkpoints/last.pt``: model adapter, optimizer, scheduler, epoch and RNG states after the last epoch.
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 import vptool
 from vptool.data import make_loader
-from vptool.engine.evaluate import eval_loader, predict, topk_accuracy
+from vptool.engine.evaluate import eval_loader, method_report, predict, topk_accuracy
 from vptool.engine.setup import Setup, autocast, prepare
 from vptool.errors import UserError
 from vptool.prompting.model import format_parameter_summary
@@ -159,6 +161,7 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, obs: Observer, t_start: float)
             loss.backward()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            model.constrain_()  # keep the learnable temperature in range (GateVPT official clamp)
             scheduler.step()
             n = y.shape[0]
             loss_sum += loss.item() * n
@@ -194,6 +197,7 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, obs: Observer, t_start: float)
         "backbone": {"name": setup.backbone.name, "checkpoint": setup.backbone.checkpoint,
                      "checkpoint_sha256": setup.backbone.checkpoint_sha256},
         "run_dir": str(run),
+        **method_report(model),
     }
     adapter_config = {
         "vptool_version": vptool.__version__, "method": recipe.method, "classes": splits.classes,
