@@ -28,12 +28,22 @@ def problems(raw: dict, overrides: dict | None = None) -> list[str]:
     ({**BASE, "train": {"epochs": "ten"}}, "train.epochs: expected int, got str 'ten'"),
     ({**BASE, "train": {"epochs": 2.5}}, "train.epochs: expected int, got float 2.5"),
     ({**BASE, "prompt": {"trainable": "yes"}}, "prompt.trainable: expected bool, got str 'yes'"),
-    ({**BASE, "prompt": {"mode": "depp"}}, "prompt.mode: 'depp' is not one of 'none' | 'shallow' | 'deep'; "
-                                           "did you mean 'deep'?"),
+    ({**BASE, "prompt": {"mode": "depp"}}, "prompt.mode: 'depp' is not one of 'none' | 'shallow' | 'deep' | "
+                                           "'gated'; did you mean 'deep'?"),
     ({"backbone": {"name": "x"}, "data": {"dataset": "digits"}}, "method: missing required key"),
     ({**BASE, "method": "vpt-deeep"}, "method: unknown preset 'vpt-deeep'; did you mean 'vpt-deep'?"),
     ({**BASE, "data": {"dataset": "imagefolder"}}, "data.root: missing"),
-    ({**BASE, "method": "vpt-deep", "prompt": {"mode": "none"}}, "train.tune: 'prompts' needs prompt.mode"),
+    ({**BASE, "method": "vpt-deep", "prompt": {"mode": "none"}}, "train.tune: 'prompts' but nothing but the head"),
+    ({**BASE, "readout": {"pool": "mask"}}, "readout.pool: 'mask' reads the [MASK] token; set tokens.mask"),
+    ({**BASE, "method": "vptm", "tokens": {"order": "CXP"}}, "tokens.order: 'CXP' must start with C and use each "
+                                                              "of CMPX once"),
+    ({**BASE, "tokens": {"mask": "auto", "order": "XCPM"}}, "tokens.order: 'XCPM' must start with C"),
+    ({**BASE, "prompt": {"gate": "gumbel"}}, "prompt.gate: 'gumbel' is not one of 'soft' | 'hard'"),
+    ({**BASE, "attention": {"temperature": "on"}}, "attention.temperature: 'on' is not one of 'fixed' | 'learnable'"),
+    ({**BASE, "attention": {"temperature_min": 0.0}}, "attention.temperature_min: need 0 < temperature_min"),
+    ({**BASE, "head": {"type": "verbaliser"}}, "head.type: 'verbaliser' is not one of"),
+    ({**BASE, "head": {"dim": 0}}, "head.dim: 0 is below the minimum 1"),
+    ({**BASE, "data": {"dataset": "digits", "num_classes": 1}}, "data.num_classes: 1 is below the minimum 2"),
 ])
 def test_each_problem_is_one_line_naming_the_key(raw, expected):
     found = problems(raw)
@@ -63,6 +73,8 @@ def test_overrides_go_through_the_schema():
     ("full", "none", "all", "adamw", 0.0),
     ("vpt-shallow", "shallow", "prompts", "sgd", 0.0),
     ("vpt-deep", "deep", "prompts", "sgd", 0.1),
+    ("gatevpt", "gated", "prompts", "sgd", 0.1),
+    ("vptm", "shallow", "prompts", "adamw", 0.0),
 ])
 def test_presets_fill_defaults_recipe_overrides(method, mode, tune, optimizer, dropout):
     r = resolve({**BASE, "method": method})
@@ -70,6 +82,19 @@ def test_presets_fill_defaults_recipe_overrides(method, mode, tune, optimizer, d
     if mode != "none":
         r2 = resolve({**BASE, "method": method, "prompt": {"dropout": 0.3}})
         assert r2.prompt.dropout == 0.3 and r2.prompt.mode == mode
+
+
+def test_method_presets_set_their_papers_options():
+    g = resolve({**BASE, "method": "gatevpt"})
+    assert (g.prompt.gate_init, g.prompt.gate, g.attention.temperature, g.readout.pool, g.readout.norm) == (
+        5.0, "soft", "learnable", "avg_all", "pretrained")
+    v = resolve({**BASE, "method": "vptm"})
+    assert (v.prompt.init, v.prompt.length, v.tokens.mask, v.tokens.order, v.readout.pool, v.head.type,
+            v.head.dim, v.train.lr, v.train.weight_decay) == ("zeros", 20, "auto", "CXPM", "mask", "verbalizer",
+                                                               128, 1e-3, 0.01)
+    # presets compose with any other axis: VPTM with deep prompts, GateVPT with a verbalizer
+    assert resolve({**BASE, "method": "vptm", "prompt": {"mode": "deep"}}).prompt.mode == "deep"
+    assert resolve({**BASE, "method": "gatevpt", "head": {"type": "verbalizer"}}).head.type == "verbalizer"
 
 
 def test_duplicate_preset_rejected():
