@@ -441,3 +441,18 @@ def test_deep_prefix_form_equals_concatenated_form_on_beit_with_mask(beit, tempe
         with torch.no_grad():
             out[form] = model.forward_features(img)
     torch.testing.assert_close(out["prefix"], out["concat"], atol=1e-5, rtol=0)
+
+
+def test_beit_with_per_block_relative_bias_matches_timm_without_prompts():
+    """timm's default (fine-tuned) BEiT v2 has a relative position bias per block: with no prompts and no extra
+    tokens the prompted forward must reproduce timm's own Beit.forward_features."""
+    torch.manual_seed(0)
+    bb, _ = build_backbone(BEIT_NAME, pretrained=False, kwargs=dict(BEIT_TINY))
+    assert bb.rel_pos_bias is None and bb.blocks[0].attn.relative_position_bias_table is not None
+    with torch.no_grad():
+        for blk in bb.blocks:  # timm initialises the tables to zero: give them values that matter
+            blk.attn.relative_position_bias_table.normal_(std=0.5)
+    model = PromptedViT(bb, 4, "none", readout_pool="avg", tune="head").eval()
+    img = beit_images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(img), bb.forward_features(img), atol=1e-5, rtol=0)

@@ -144,7 +144,8 @@ def train(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)],
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the "
-                                          "trainable-parameter summary, then exit.")] = False,
+                                          "trainable-parameter summary, then exit; writes nothing. Inputs not "
+                                          "on disk yet are named in a warning (exit 0, ready: false).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,

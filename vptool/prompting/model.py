@@ -362,18 +362,28 @@ class PromptedViT(nn.Module):
         blocks = self.backbone.blocks
         L = len(blocks)
         Np = self.prompts.length if self.prompts is not None else 0
+        per_block = self.is_beit and any(block_rel_pos_bias(b) is not None for b in blocks)
+        cached: dict[tuple[str, int], torch.Tensor | None] = {}  # shared bias only: expand it once per forward
+
+        def bias_for(rel, order_, prefix=0):
+            if per_block:
+                return self._rel_bias(rel, order_, N, prefix)
+            if (order_, prefix) not in cached:
+                cached[(order_, prefix)] = self._rel_bias(rel, order_, N, prefix)
+            return cached[(order_, prefix)]
+
         for i, blk in enumerate(blocks):
             tau = None if taus is None else taus[i]
-            rel = self._block_bias(blk, shared) if self.is_beit else None
+            rel = self._block_bias(blk, shared) if per_block else shared
             if self.prompt_mode == "deep":
                 p = self.prompts.set(i, B).to(h.dtype)
                 keep_rows = i == L - 1 and self.readout_pool == "avg_all"
                 if self.deep_form == "prefix" and not keep_rows:
-                    h = self._run(blk, h, tau, self._rel_bias(rel, order, N, prefix=Np), prefix=p)
+                    h = self._run(blk, h, tau, bias_for(rel, order, prefix=Np), prefix=p)
                     continue
                 full = self.row_order(with_prompts=True)
                 y = self._run(blk, self._assemble({**self._split(h, order, N), "P": p.expand(B, -1, -1)}, full),
-                              tau, self._rel_bias(rel, full, N))
+                              tau, bias_for(rel, full))
                 if keep_rows:
                     h, order = y, full
                 else:
@@ -381,7 +391,7 @@ class PromptedViT(nn.Module):
                     h = self._assemble(y_parts, order)
                 continue
             h_in = h
-            h = self._run(blk, h, tau, self._rel_bias(rel, order, N))
+            h = self._run(blk, h, tau, bias_for(rel, order))
             if gates is not None and i < L - 1:  # GateVPT eq. 7: no gate after the last block
                 g = gates[..., i]
                 g = g.view(-1, 1, 1) if g.dim() == 1 else g
