@@ -102,8 +102,3 @@ def block_forward(block: nn.Module, x: torch.Tensor, prefix: torch.Tensor | None
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x
 
-
-def prefix_block_forward(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor,
-                         temperature: torch.Tensor | None = None) -> torch.Tensor:
-    """VPT-deep prefix form: ``block_forward(block, x, prefix=prompts, temperature=temperature)``."""
-    return block_forward(block, x, prefix=prompts, temperature=temperature)
