@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from vptool.errors import RecipeError, UserError
+from vptool.prompting.layout import order_problem
 
 
 def _f(default: Any = None, help: str = "", required: bool = False, factory=None):
@@ -302,13 +303,9 @@ def _cross_checks(r: Recipe) -> list[str]:
     if r.readout.pool == "mask" and r.tokens.mask == "none":
         e.append("readout.pool: 'mask' reads the [MASK] token; set tokens.mask: auto (or pretrained/learnable)")
     if r.tokens.order is not None:
-        letters = {"C", "X"} | ({"P"} if r.prompt.mode != "none" else set()) | (
-            {"M"} if r.tokens.mask != "none" else set())
-        o = r.tokens.order
-        if sorted(o) != sorted(letters) or not o.startswith("C"):
-            e.append(f"tokens.order: {o!r} must start with C and use each of {''.join(sorted(letters))} once "
-                     "(C class token, X patches, P prompts, M [MASK]), e.g. "
-                     + ("CXPM" if "M" in letters else "CPX"))
+        problem = order_problem(r.tokens.order, r.prompt.mode != "none", r.tokens.mask != "none")
+        if problem:
+            e.append(problem)
     if not 0 < r.attention.temperature_min < r.attention.temperature_max:
         e.append(f"attention.temperature_min: need 0 < temperature_min ({r.attention.temperature_min}) "
                  f"< temperature_max ({r.attention.temperature_max})")

@@ -46,6 +46,7 @@ from vptool.errors import UserError
 from vptool.prompting.attention import block_forward, block_rel_pos_bias
 from vptool.prompting.heads import build_head
 from vptool.prompting.init import init_prompts, load_prompt_file
+from vptool.prompting.layout import default_order, order_problem
 
 PROMPT_MODES = ("none", "shallow", "deep", "gated")
 
@@ -162,6 +163,9 @@ class PromptedViT(nn.Module):
             raise UserError("readout.pool: 'cls' needs a backbone with a class token; use avg")
         self.backbone = backbone
         self.is_beit = hasattr(backbone, "rel_pos_bias")
+        # BEiT with a relative position bias per block (fine-tuned checkpoints) rather than one shared table
+        self.per_block_bias = self.is_beit and any(
+            getattr(b.attn, "relative_position_bias_table", None) is not None for b in backbone.blocks)
         self.prompt_mode = prompt_mode
         self.readout_pool = readout_pool
         self.readout_norm = readout_norm
@@ -236,14 +240,11 @@ class PromptedViT(nn.Module):
         self.backbone.eval()
 
     def _check_order(self, order: str | None) -> str:
-        letters = {"C", "X"} | ({"P"} if self.prompts is not None else set()) | (
-            {"M"} if self.mask_source is not None else set())
-        if order is None:
-            order = "CXPM" if self.mask_source is not None else "CPX"
-            order = "".join(ch for ch in order if ch in letters)
-        if sorted(order) != sorted(letters) or not order.startswith("C"):
-            raise UserError(f"tokens.order: {order!r} must start with C and use each of {''.join(sorted(letters))} "
-                            "once (C class/prefix tokens, X patches, P prompts, M [MASK]), e.g. CXPM")
+        has_prompts, has_mask = self.prompts is not None, self.mask_source is not None
+        order = default_order(has_prompts, has_mask) if order is None else order
+        problem = order_problem(order, has_prompts, has_mask)
+        if problem:
+            raise UserError(problem)
         return order
 
     # ------------------------------------------------------------------------------------------- modes
@@ -304,10 +305,8 @@ class PromptedViT(nn.Module):
         return full.unsqueeze(0)
 
     def _block_bias(self, blk: nn.Module, shared: torch.Tensor | None) -> torch.Tensor | None:
-        own = block_rel_pos_bias(blk) if self.is_beit else None
-        if own is None:
-            return shared
-        own = own[0]
+        """A BEiT block's own (H, 1+N, 1+N) relative position bias, plus the shared one if any."""
+        own = block_rel_pos_bias(blk)[0]
         return own if shared is None else own + shared
 
     # ------------------------------------------------------------------------------------------- forward
@@ -362,7 +361,7 @@ class PromptedViT(nn.Module):
         blocks = self.backbone.blocks
         L = len(blocks)
         Np = self.prompts.length if self.prompts is not None else 0
-        per_block = self.is_beit and any(block_rel_pos_bias(b) is not None for b in blocks)
+        per_block = self.per_block_bias
         cached: dict[tuple[str, int], torch.Tensor | None] = {}  # shared bias only: expand it once per forward
 
         def bias_for(rel, order_, prefix=0):
