@@ -129,6 +129,20 @@ class RichObserver:
     def run_end(self, summary: dict) -> None:
         self.progress.stop()
 
+    # SPT prompt construction (init-prompts, or train with prompt.init naming a strategy)
+    def extract_start(self, batches: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("extract tokens", total=batches, stats="")
+
+    def extract_step(self) -> None:
+        self.progress.update(self.task, advance=1)
+
+    def kmeans_start(self, steps: int) -> None:
+        self.task = self.progress.add_task("k-means per set", total=steps, stats="")
+
+    def kmeans_step(self) -> None:
+        self.progress.update(self.task, advance=1)
+
 
 def _methods_table() -> str:
     from vptool.recipe import PRESETS
@@ -190,6 +204,74 @@ def train(
 
 
 train.__doc__ += "\n\n" + _methods_table().replace("\n", "\n\n")
+
+
+@app.command("init-prompts", epilog="Examples:\n\n"
+             "  vptool init-prompts recipes/quickstart_spt.yaml --strategy kmeans -o prompts.safetensors\n\n"
+             "  vptool init-prompts recipes/spt_deep_mae_cub.yaml --strategy kmeans --fraction 0.3 -o p.safetensors"
+             "\n\n  vptool init-prompts RECIPE --strategy random --source last --seed 1 -o p.safetensors --json")
+@cli_errors
+def init_prompts(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (prompt mode and length, backbone, data).",
+                                           show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors file (prompts.shallow or "
+                                         "prompts.deep + metadata).", show_default=False)],
+    strategy: Annotated[Optional[str], typer.Option(
+        help="kmeans | mean-pool | max-pool | random (SPT §3.3-3.4); default: the recipe's prompt.init when it "
+             "names one, else kmeans.")] = None,
+    fraction: Annotated[Optional[float], typer.Option(
+        help="kmeans: fraction of the training split to cluster, in (0, 1]; default prompt.init_fraction.")] = None,
+    source: Annotated[Optional[str], typer.Option(
+        help="same | first | last (SPT Table S2); default prompt.init_source.")] = None,
+    form: Annotated[Optional[str], typer.Option(
+        help="paper | official (the official code's level 0 and pooling); default prompt.init_form.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the image choice and k-means; default the "
+                                                     "recipe's seed.")] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Build SPT prompts from the training split's patch tokens (frozen backbone, no prompts).
+
+    kmeans clusters every token of the chosen fraction in one streaming pass (all layers at once, memory
+    independent of the dataset size); the pooling and random strategies use one seeded batch. Train from the
+    file with prompt.init: file and prompt.init_file: FILE.
+    """
+    from vptool.engine.init_prompts import InitSpec, build_prompt_init, write_prompt_file
+    from vptool.prompting.spt import STRATEGIES
+    from vptool.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    if strategy is None and r.prompt.init not in STRATEGIES:
+        strategy = "kmeans"
+    spec = InitSpec.from_recipe(r, strategy, fraction, source, form, seed)
+    if output.suffix != ".safetensors":  # refuse a bad or existing -o before any slow work
+        raise UserError(f"-o: {output} must end in .safetensors")
+    if output.exists() and not overwrite:
+        raise UserError(f"-o: {output} already exists; choose another path or pass --overwrite")
+    if not output.parent.is_dir():
+        raise UserError(f"-o: folder {output.parent} does not exist")
+    obs = RichObserver(quiet=json_out)
+    try:
+        name, tensor, meta = build_prompt_init(r, spec, observer=obs)
+    finally:
+        obs.progress.stop()
+    write_prompt_file(output, name, tensor, meta, overwrite=overwrite)
+    result = {"output": str(output), "tensor": name, "shape": list(tensor.shape), **meta}
+    result.pop("batch_images", None)
+    if json_out:
+        print(json.dumps(result))
+        return
+    print(f"{name} {tuple(tensor.shape)} by {spec.strategy} (source {spec.source}, form {spec.form}, seed "
+          f"{spec.seed}) from {meta['images']} images -> {output}")
+    if meta.get("inertia") is not None:
+        print(f"k-means: {meta['tokens_per_set']:,d} tokens per set, inertia per set: "
+              + " ".join(f"{v:.4g}" for v in meta["inertia"]))
+        print(f"seconds: extraction {meta['extract_seconds']:.2f}, k-means {meta['kmeans_seconds']:.2f}, "
+              f"total {meta['seconds']:.2f}")
+    else:
+        print(f"seconds: {meta['seconds']:.2f}")
 
 
 @app.command("eval", epilog="Examples:\n\n  vptool eval runs/quickstart\n\n"

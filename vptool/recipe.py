@@ -59,8 +59,17 @@ class PromptConfig:
     mode: Literal["none", "shallow", "deep", "gated"] = _f(
         "none", "none | shallow (VPT eq. 4-5) | deep (VPT eq. 7) | gated (GateVPT eq. 6-8: shallow + gates)")
     length: int = _f(10, "Np, prompt tokens per set")
-    init: Literal["xavier", "zeros", "file"] = _f("xavier", "xavier (VPT) | zeros (VPTM) | file (init-prompts output)")
-    file: Optional[str] = _f(None, "init: file -> safetensors with prompts.shallow / prompts.deep")
+    init: Literal["xavier", "zeros", "file", "kmeans", "mean-pool", "max-pool", "random"] = _f(
+        "xavier", "xavier (VPT) | zeros (VPTM) | file (an init-prompts output, prompt.init_file) | an SPT strategy "
+                  "built when training starts: kmeans | mean-pool | max-pool | random (SPT §3.3-3.4)")
+    init_file: Optional[str] = _f(None, "init: file -> safetensors with prompts.shallow / prompts.deep")
+    init_fraction: float = _f(1.0, "SPT kmeans: fraction of the training split whose tokens are clustered")
+    init_source: Literal["same", "first", "last"] = _f(
+        "same", "SPT: set i from the tokens entering block i+1 (same) | all sets from level 0 (first) | from the "
+                "last block's output (last) (SPT Table S2)")
+    init_form: Literal["paper", "official"] = _f(
+        "paper", "SPT: paper (the text) | official (the official code: level 0 without position embedding, "
+                 "per-image pooling windows)")
     dropout: float = _f(0.0, "dropout on each prompt set when inserted (train mode only)")
     trainable: bool = _f(True, "false freezes the prompts (head only, SPT Tab. 4a)")
     gate_init: float = _f(5.0, "gated: gate priors start at -gate_init (GateVPT official code; Table 5 per task)")
@@ -174,6 +183,18 @@ register_preset("vpt-shallow", "VPT-shallow (Jia et al. 2022, eq. 4-5): Np promp
 register_preset("vpt-deep", "VPT-deep (Jia et al. 2022, eq. 7): a prompt set before every block",
                 {"prompt": {"mode": "deep", "length": 10, "init": "xavier", "dropout": 0.1},
                  "train": {"tune": "prompts", "optimizer": "sgd"}})
+register_preset("spt-shallow", "SPT-shallow (Wang et al. 2024, eq. 9-11): 100 shallow prompts from k-means "
+                               "token prototypes (AdamW)",
+                {"prompt": {"mode": "shallow", "length": 100, "init": "kmeans", "dropout": 0.0},
+                 "data": {"batch_size": 32},
+                 "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.05,
+                           "warmup_epochs": 10, "epochs": 100}})
+register_preset("spt-deep", "SPT-deep (Wang et al. 2024, eq. 9-10, 13): 20 prompts per block from k-means "
+                            "token prototypes of that block's input (AdamW)",
+                {"prompt": {"mode": "deep", "length": 20, "init": "kmeans", "dropout": 0.0},
+                 "data": {"batch_size": 32},
+                 "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.05,
+                           "warmup_epochs": 10, "epochs": 100}})
 register_preset("gatevpt", "GateVPT (Yoo et al. 2023, eq. 6-9): gated shallow prompts + learnable temperature",
                 {"prompt": {"mode": "gated", "length": 100, "init": "xavier", "dropout": 0.1, "gate_init": 5.0,
                             "gate": "soft"},
@@ -294,8 +315,14 @@ def _cross_checks(r: Recipe) -> list[str]:
         return [f"method: unknown preset {r.method!r}; {hint}"]  # the rest depends on the preset
     if r.data.dataset == "imagefolder" and not r.data.root:
         e.append("data.root: missing; dataset imagefolder needs root/{train,val,test}/<class>/* (set data.root)")
-    if r.prompt.init == "file" and not r.prompt.file:
-        e.append("prompt.file: missing; prompt.init 'file' needs the path of an init-prompts output")
+    if r.prompt.init == "file" and not r.prompt.init_file:
+        e.append("prompt.init_file: missing; prompt.init 'file' needs the path of an init-prompts output")
+    if r.prompt.init_file and r.prompt.init != "file":
+        e.append(f"prompt.init_file: set but prompt.init is {r.prompt.init!r}; set prompt.init: file to use it")
+    if not 0.0 < r.prompt.init_fraction <= 1.0:
+        e.append(f"prompt.init_fraction: {r.prompt.init_fraction} must be in (0, 1]")
+    if r.prompt.mode == "none" and r.prompt.init in ("file", "kmeans", "mean-pool", "max-pool", "random"):
+        e.append(f"prompt.init: {r.prompt.init!r} but prompt.mode is none (no prompts); set prompt.mode")
     if (r.train.tune == "prompts" and r.prompt.mode == "none" and r.attention.temperature == "fixed"
             and r.tokens.mask in ("none", "pretrained")):
         e.append("train.tune: 'prompts' but nothing but the head would train (prompt.mode none); "

@@ -98,8 +98,11 @@ def _stratified_holdout(targets: list[int], fraction: float, seed: int) -> tuple
     return sorted(keep.tolist()), sorted(held.tolist())
 
 
-def build_splits(data, data_config: dict) -> Splits:
+def build_splits(data, data_config: dict, train_eval_transform: bool = False) -> Splits:
     """Build train/val/test datasets from a recipe's ``data`` section.
+
+    ``train_eval_transform`` gives the training split the deterministic eval transform (feature extraction,
+    ``init-prompts``).
 
     ``digits``: stratified seeded 70/10/20 split of scikit-learn's digits. ``imagefolder``:
     ``root/{train,val,test}/<class>/*``; without ``val/``, a seeded stratified ``val_fraction`` of train.
@@ -111,6 +114,7 @@ def build_splits(data, data_config: dict) -> Splits:
         from vptool.data.digits import CLASSES, DigitsDataset
 
         train_tf, eval_tf = build_transforms(data_config, data.train_transform, from_pil=False)
+        train_tf = eval_tf if train_eval_transform else train_tf
         return Splits(DigitsDataset("train", train_tf, data.split_seed), DigitsDataset("val", eval_tf, data.split_seed),
                       DigitsDataset("test", eval_tf, data.split_seed), list(CLASSES))
 
@@ -123,6 +127,7 @@ def build_splits(data, data_config: dict) -> Splits:
             raise UserError(f"data.root: {root / split} not found; imagefolder needs {root}/train/<class>/* "
                             f"and {root}/test/<class>/* (val/ optional)")
     train_tf, eval_tf = build_transforms(data_config, data.train_transform, from_pil=True)
+    train_tf = eval_tf if train_eval_transform else train_tf
     train = _image_folder(root / "train", train_tf)
     test = _image_folder(root / "test", eval_tf)
     if (root / "val").is_dir():

@@ -88,7 +88,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[Recipe, Se
             raise UserError(f"{run}: no {name}; is this a finished vptool run directory?")
     recipe = resolve(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
     dev = resolve_device(device or recipe.train.device)
-    setup = prepare(recipe, dev)
+    setup = prepare(recipe, dev, for_adapter=True)  # the adapter brings the prompts: no init file, no k-means
     setup.model.load_adapter(str(run / "adapter.safetensors"))
     summary = run / "summary.json"
     if summary.is_file():

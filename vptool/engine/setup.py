@@ -64,12 +64,13 @@ class Setup:
     backbone: BackboneInfo
     device: torch.device
     amp_dtype: torch.dtype | None
+    prompt_init: tuple[str, torch.Tensor, dict] | None = None  # (name, tensor, metadata) built by an SPT strategy
 
 
 def model_kwargs(recipe: Recipe) -> dict:
     """``PromptedViT`` keyword arguments for a recipe (everything but backbone, K and the RNG)."""
     p, a = recipe.prompt, recipe.attention
-    return dict(prompt_mode=p.mode, prompt_length=p.length, prompt_init=p.init, prompt_file=p.file,
+    return dict(prompt_mode=p.mode, prompt_length=p.length, prompt_init=p.init, prompt_file=p.init_file,
                 prompt_dropout=p.dropout, prompt_trainable=p.trainable, readout_pool=recipe.readout.pool,
                 readout_norm=recipe.readout.norm, tune=recipe.train.tune, gate_init=p.gate_init, gate_kind=p.gate,
                 temperature=a.temperature, temperature_range=(a.temperature_min, a.temperature_max),
@@ -99,21 +100,37 @@ def check_num_classes(recipe: Recipe, found: int) -> None:
                         "data.num_classes")
 
 
-def prepare(recipe: Recipe, device: torch.device | None = None) -> Setup:
+def prepare(recipe: Recipe, device: torch.device | None = None, observer=None, for_adapter: bool = False) -> Setup:
     """Build backbone, data and model for ``recipe`` (model on ``device``, seeded by ``recipe.seed``).
+
+    With an SPT strategy as ``prompt.init`` the prompts are built here from the training split (one streaming
+    pass, ``vptool.engine.init_prompts``); with ``prompt.init: file`` the file's backbone must match.
+    ``for_adapter`` skips the prompt init (zeros): the caller loads a trained adapter over it.
 
     Raises:
         UserError: any bad key, path or value found while building.
     """
+    from vptool.engine.init_prompts import InitSpec, build_prompt_init, check_prompt_file_backbone
+    from vptool.prompting.spt import STRATEGIES
+
     device = device or resolve_device(recipe.train.device)
     b = recipe.backbone
     seed_everything(recipe.seed)  # a backbone without weights (pretrained: false) is then rebuilt identically
     backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs)
     splits = build_splits(recipe.data, info.data_config)
     check_num_classes(recipe, len(splits.classes))
-    model = build_model(recipe, backbone, info, len(splits.classes))
+    overrides: dict = {}
+    built = None
+    if for_adapter and recipe.prompt.mode != "none":
+        overrides["prompt_init"] = "zeros"
+    elif recipe.prompt.init in STRATEGIES:
+        built = build_prompt_init(recipe, InitSpec.from_recipe(recipe), backbone, info, device, observer)
+        overrides["prompt_values"] = built[1]
+    elif recipe.prompt.init == "file" and recipe.prompt.mode != "none":
+        check_prompt_file_backbone(recipe.prompt.init_file, info, backbone.embed_dim, len(backbone.blocks))
+    model = build_model(recipe, backbone, info, len(splits.classes), **overrides)
     model.to(device)
-    return Setup(model, splits, info, device, autocast_dtype(recipe.train.precision, device))
+    return Setup(model, splits, info, device, autocast_dtype(recipe.train.precision, device), built)
 
 
 def recipe_inputs(recipe: Recipe) -> list[dict]:
@@ -123,8 +140,8 @@ def recipe_inputs(recipe: Recipe) -> list[dict]:
         items.append(("backbone.checkpoint", recipe.backbone.checkpoint))
     if recipe.data.dataset == "imagefolder" and recipe.data.root:
         items.append(("data.root", recipe.data.root))
-    if recipe.prompt.init == "file" and recipe.prompt.file:
-        items.append(("prompt.file", recipe.prompt.file))
+    if recipe.prompt.init == "file" and recipe.prompt.init_file:
+        items.append(("prompt.init_file", recipe.prompt.init_file))
     return [{"key": k, "path": str(v), "exists": Path(v).exists()} for k, v in items]
 
 
@@ -157,12 +174,19 @@ def dry_run(recipe: Recipe) -> dict:
     if num_classes is None:
         out["note"] = "data not found and data.num_classes unset: model not built"
         return out
-    overrides = {} if have.get("prompt.file", True) else {"prompt_init": "xavier"}
+    overrides = {} if have.get("prompt.init_file", True) else {"prompt_init": "xavier"}
+    if recipe.prompt.init not in ("xavier", "zeros", "file") and recipe.prompt.mode != "none":
+        overrides["prompt_init"] = "zeros"  # an SPT strategy runs when training starts; same shapes
+        out_note = f"prompt.init {recipe.prompt.init}: prompts are built from the training split when training starts"
+    else:
+        out_note = None
     if not have.get("backbone.checkpoint", True):
         out["note"] = "checkpoint not read: backbone built from backbone.name with random weights"
         if recipe.tokens.mask == "pretrained":  # the checkpoint will bring it; a placeholder of the same size
             overrides["pretrained_mask_token"] = torch.zeros(1, 1, backbone.embed_dim)
     model = build_model(recipe, backbone, info, num_classes, **overrides)
+    if out_note:
+        out["prompt_init"] = out_note
     out["trainable_params"], out["total_params"] = model.parameter_summary()
     out["mask_token"] = model.mask_source
     out["num_classes"] = num_classes

@@ -11,6 +11,8 @@ Run directory contract (stable; other tools read it):
   ``temperature`` (L values), with a [MASK] token ``mask_token``: ``pretrained`` or ``learned``.
 - ``adapter.safetensors`` + ``adapter_config.json``: the best-validation trainable tensors (never the frozen
   backbone) and the config needed to rebuild the model.
+- ``prompt_init.safetensors``: with an SPT strategy as ``prompt.init``, the prompts the run started from
+  (init-prompts format, reusable with ``prompt.init: file``).
 - ``checkpoints/last.pt``: model adapter, optimizer, scheduler, epoch and RNG states after the last epoch.
 """
 
@@ -47,6 +49,11 @@ class Observer:
     def eval_start(self, split: str, steps: int) -> None: ...
     def eval_step(self) -> None: ...
     def run_end(self, summary: dict) -> None: ...
+    # building SPT prompts before training (``prompt.init`` names a strategy); see engine.init_prompts
+    def extract_start(self, batches: int) -> None: ...
+    def extract_step(self) -> None: ...
+    def kmeans_start(self, steps: int) -> None: ...
+    def kmeans_step(self) -> None: ...
 
 
 def effective_lr(recipe: Recipe) -> float:
@@ -109,11 +116,15 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
     obs = observer or Observer()
     t_start = time.time()
     run = prepare_run_dir(recipe, overwrite)
-    setup = setup or prepare(recipe)  # every input error surfaces here, before anything is written
+    setup = setup or prepare(recipe, observer=obs)  # every input error surfaces here, before anything is written
     if run.exists():  # --overwrite: the old run goes only now that the new one is known to build
         shutil.rmtree(run)
     (run / "checkpoints").mkdir(parents=True)
     (run / "recipe.yaml").write_text(dump_recipe(recipe))
+    if setup.prompt_init is not None:  # the SPT prompts this run started from, for provenance and reuse
+        from vptool.engine.init_prompts import write_prompt_file
+
+        write_prompt_file(run / "prompt_init.safetensors", *setup.prompt_init)
     try:
         return _fit(recipe, setup, run, obs, t_start)
     except UserError:  # bad input found mid-run (e.g. a corrupt image): leave no half-written run behind

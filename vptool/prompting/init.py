@@ -2,7 +2,8 @@
 
 ``xavier`` follows the official VPT code (Jia et al. 2022, §4.1 "xavier uniform"): uniform(-v, v) with
 ``v = sqrt(6 / (3 * p_h * p_w + D))``, the Xavier bound of the patch-embedding projection (fan-in 3·p_h·p_w,
-fan-out D). ``zeros`` is VPTM's (§4). ``file`` loads an ``init-prompts`` output (SPT, Wang et al. 2024).
+fan-out D). ``zeros`` is VPTM's (§4). ``file`` loads an ``init-prompts`` output (SPT, Wang et al. 2024); the SPT
+strategies themselves live in ``vptool.prompting.spt`` and ``vptool.engine.init_prompts``.
 """
 
 from __future__ import annotations
@@ -51,12 +52,12 @@ def load_prompt_file(path: str, name: str, shape: tuple[int, ...]) -> torch.Tens
 
     from vptool.backbones.build import read_state_dict
 
-    sd = read_state_dict(path, key="prompt.file")
+    sd = read_state_dict(path, key="prompt.init_file")
     if name not in sd:
-        raise UserError(f"prompt.file: {path} has no tensor {name!r} (has {', '.join(sorted(sd))}); "
+        raise UserError(f"prompt.init_file: {path} has no tensor {name!r} (has {', '.join(sorted(sd))}); "
                         "regenerate it with vptool init-prompts for this prompt.mode")
     t = sd[name].float()
     if tuple(t.shape) != tuple(shape):
-        raise UserError(f"prompt.file: {name} in {path} has shape {tuple(t.shape)}, the model needs {tuple(shape)}; "
-                        "match prompt.length and the backbone")
+        raise UserError(f"prompt.init_file: {name} in {path} has shape {tuple(t.shape)}, the model needs "
+                        f"{tuple(shape)}; match prompt.length and the backbone")
     return t

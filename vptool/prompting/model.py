@@ -114,8 +114,10 @@ class PromptedViT(nn.Module):
         num_classes: K.
         prompt_mode: ``none``, ``shallow`` (VPT eq. 4-5), ``deep`` (VPT eq. 7) or ``gated`` (GateVPT eq. 6-8).
         prompt_length: Np.
-        prompt_init: ``xavier`` (VPT), ``zeros`` (VPTM) or ``file``.
+        prompt_init: ``xavier`` (VPT), ``zeros`` (VPTM), ``file``, or an SPT strategy (``kmeans``, ``mean-pool``,
+            ``max-pool``, ``random``), which needs ``prompt_values`` (built by ``vptool.engine.init_prompts``).
         prompt_file: init-prompts safetensors for ``prompt_init="file"``.
+        prompt_values: the initial prompts themselves, (Np, D) or (L, Np, D); wins over ``prompt_init``.
         prompt_dropout: dropout probability on each inserted prompt set.
         prompt_trainable: False freezes the prompts (head only; SPT Tab. 4a).
         readout_pool: ``cls``, ``avg``, ``avg_all`` or ``mask``.
@@ -147,7 +149,8 @@ class PromptedViT(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, prompt_mode: str = "none", prompt_length: int = 10,
-                 prompt_init: str = "xavier", prompt_file: str | None = None, prompt_dropout: float = 0.0,
+                 prompt_init: str = "xavier", prompt_file: str | None = None,
+                 prompt_values: torch.Tensor | None = None, prompt_dropout: float = 0.0,
                  prompt_trainable: bool = True, readout_pool: str = "cls", readout_norm: str = "pretrained",
                  tune: str = "prompts", deep_form: str = "prefix", generator: torch.Generator | None = None,
                  gate_init: float = 5.0, gate_kind: str = "soft", temperature: str = "fixed",
@@ -181,10 +184,17 @@ class PromptedViT(nn.Module):
             kind = "deep" if prompt_mode == "deep" else "shallow"
             shape = (prompt_length, D) if kind == "shallow" else (L, prompt_length, D)
             name = f"prompts.{kind}"
-            if prompt_init == "file":
+            if prompt_values is not None:
+                if tuple(prompt_values.shape) != shape:
+                    raise UserError(f"prompt.init: {name} has shape {tuple(prompt_values.shape)}, the model needs "
+                                    f"{shape}; match prompt.length and the backbone")
+                init = prompt_values.detach().float().cpu().clone()
+            elif prompt_init == "file":
                 if not prompt_file:
-                    raise UserError("prompt.file: missing; prompt.init 'file' needs an init-prompts output")
+                    raise UserError("prompt.init_file: missing; prompt.init 'file' needs an init-prompts output")
                 init = load_prompt_file(prompt_file, name, shape)
+            elif prompt_init not in ("xavier", "zeros"):
+                raise ValueError(f"prompt_init {prompt_init!r} needs prompt_values (vptool.engine.init_prompts)")
             else:
                 init = init_prompts(shape, prompt_init, tuple(backbone.patch_embed.patch_size), D, generator)
             self.prompts = PromptTokens(kind, init, prompt_dropout)

@@ -1,0 +1,325 @@
+"""``vptool init-prompts``: SPT prompts from the downstream training split (Wang et al. 2024, §3.3-3.4).
+
+One pass over the data: the frozen backbone runs *without* prompts on the training split with the deterministic
+eval transform, and the patch tokens of every needed level feed the strategy as they are produced (level 0 =
+``PatchEmbed(x) + E_pos``, level t = output of block t; ``vptool.prompting.spt``). ``kmeans`` streams every token
+of a seeded ``fraction`` of the split into ``StreamingKMeans`` (``vptool.prompting.kmeans``), which never holds the
+tokens; ``mean-pool``, ``max-pool`` and ``random`` use one seeded batch of ``data.batch_size`` images.
+
+Output file (safetensors, DESIGN.md §4): ``prompts.shallow`` (Np, D) for shallow/gated prompts or ``prompts.deep``
+(L, Np, D), with metadata (every value JSON-encoded): strategy, fraction, seed, source, form, images, tokens per
+set, inertia per set (kmeans), seconds, backbone identity (name, checkpoint, sha256, width, depth) and dataset
+identity (dataset, root, split seed, classes, training images).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+import vptool
+from vptool.backbones.build import BackboneInfo, build_backbone
+from vptool.data import build_splits, make_loader
+from vptool.engine.setup import autocast, autocast_dtype, resolve_device, seed_everything
+from vptool.errors import UserError
+from vptool.prompting.kmeans import StreamingKMeans
+from vptool.prompting.model import PromptedViT
+from vptool.prompting.spt import FORMS, SOURCES, STRATEGIES, pool_prompts, sample_prompts, source_levels
+from vptool.recipe import Recipe
+
+
+class InitObserver:
+    """Progress hooks (the CLI draws rich bars; the library only calls these)."""
+
+    def extract_start(self, batches: int) -> None: ...
+    def extract_step(self) -> None: ...
+    def kmeans_start(self, steps: int) -> None: ...
+    def kmeans_step(self) -> None: ...
+
+
+@dataclass
+class InitSpec:
+    """How to build the prompts; ``None`` fields fall back to the recipe (``prompt.init_*``, ``seed``)."""
+
+    strategy: str
+    fraction: float = 1.0
+    source: str = "same"
+    form: str = "paper"
+    seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, strategy: str | None = None, fraction: float | None = None,
+                    source: str | None = None, form: str | None = None, seed: int | None = None) -> InitSpec:
+        """The recipe's ``prompt.init_*`` keys, overridden by the arguments that are not None.
+
+        Raises:
+            UserError: an unknown strategy/source/form or a fraction outside (0, 1].
+        """
+        p = recipe.prompt
+        if strategy is None:
+            if p.init not in STRATEGIES:
+                raise UserError(f"--strategy: missing; the recipe's prompt.init is {p.init!r}, pass one of "
+                                f"{', '.join(STRATEGIES)}")
+            strategy = p.init
+        spec = cls(strategy=strategy, fraction=p.init_fraction if fraction is None else fraction,
+                   source=p.init_source if source is None else source, form=p.init_form if form is None else form,
+                   seed=recipe.seed if seed is None else seed)
+        for key, value, choices in (("--strategy", spec.strategy, STRATEGIES), ("--source", spec.source, SOURCES),
+                                    ("--form", spec.form, FORMS)):
+            if value not in choices:
+                raise UserError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        if not 0.0 < spec.fraction <= 1.0:
+            raise UserError(f"--fraction: {spec.fraction} must be in (0, 1]")
+        return spec
+
+
+def prompt_tensor_name(recipe: Recipe) -> str:
+    """``prompts.deep`` for deep prompts, ``prompts.shallow`` for shallow and gated ones.
+
+    Raises:
+        UserError: ``prompt.mode: none`` (no prompts to initialise).
+    """
+    mode = recipe.prompt.mode
+    if mode == "none":
+        raise UserError("prompt.mode: 'none' has no prompts to initialise; use a prompted method "
+                        "(e.g. method: spt-deep) or --set prompt.mode=deep")
+    return "prompts.deep" if mode == "deep" else "prompts.shallow"
+
+
+def level_tokens(model: PromptedViT, x: torch.Tensor, max_level: int, form: str = "paper"):
+    """Yield ``(t, patch tokens (B, Ne, D))`` for t = 0..max_level from the backbone without prompts.
+
+    t = 0: ``PatchEmbed(x) + E_pos`` (``form: official``: ``PatchEmbed(x)``, the official SPT code), t >= 1: the
+    output of block t. Prefix tokens are dropped. Blocks past ``max_level`` are not run.
+    """
+    n = model.num_prefix_tokens
+    h = model.embed(x)
+    N = h.shape[1] - n
+    yield 0, (model.backbone.patch_embed(x) if form == "official" else h[:, n:])
+    if max_level == 0:
+        return
+    bb = model.backbone
+    shared = bb.rel_pos_bias() if model.is_beit and bb.rel_pos_bias is not None else None
+    for t, blk in enumerate(bb.blocks[:max_level], start=1):
+        rel = model._block_bias(blk, shared) if model.per_block_bias else shared
+        h = model._run(blk, h, None, model._rel_bias(rel, "CX", N))
+        yield t, h[:, n:]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: int, device: torch.device,
+                  amp: torch.dtype | None = None, form: str = "paper", observer: InitObserver | None = None,
+                  summary_size: int | None = None):
+    """One pass over ``loader``: every patch token of each level in ``levels`` into a ``StreamingKMeans``.
+
+    Args:
+        plain: the backbone wrapped without prompts (``PromptedViT(prompt_mode="none")``), on ``device``.
+        loader: yields ``(images (B, 3, H, W), labels)``.
+        levels: sorted distinct token levels (0 = embedding output, t = output of block t).
+        k: prototypes per level (Np).
+
+    Returns:
+        ``(centres (len(levels), k, D), inertia per level, the StreamingKMeans, extraction seconds, k-means
+        seconds)``; the two timings split the pass (device-synchronised on CUDA).
+
+    Raises:
+        UserError: fewer tokens than k.
+    """
+    obs = observer or InitObserver()
+    km = StreamingKMeans(k, len(levels), summary_size=summary_size, seed=seed)
+    extract_s = kmeans_s = 0.0
+    obs.extract_start(len(loader))
+    with torch.no_grad():
+        for x, _ in loader:
+            t0 = time.perf_counter()
+            x = x.to(device, non_blocking=True)
+            with autocast(device, amp):
+                for t, tok in level_tokens(plain, x, max(levels), form):
+                    if t in levels:
+                        _sync(device)
+                        t1 = time.perf_counter()
+                        extract_s += t1 - t0
+                        km.add(levels.index(t), tok)
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        kmeans_s += t0 - t1
+            _sync(device)
+            extract_s += time.perf_counter() - t0
+            obs.extract_step()
+    obs.kmeans_start(len(levels))
+    t1 = time.perf_counter()
+    try:
+        centres, inertia = km.result(on_set=obs.kmeans_step)
+    except ValueError as exc:
+        raise UserError(f"prompt.length: {exc}; lower prompt.length or raise --fraction") from None
+    _sync(device)
+    kmeans_s += time.perf_counter() - t1
+    return centres, inertia, km, extract_s, kmeans_s
+
+
+def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module | None = None,
+                      info: BackboneInfo | None = None, device: torch.device | None = None,
+                      observer: InitObserver | None = None) -> tuple[str, torch.Tensor, dict]:
+    """Build SPT prompts for ``recipe`` (its prompt mode, length, backbone and training split).
+
+    Args:
+        recipe: a validated recipe with prompts.
+        spec: strategy, fraction, source, form, seed.
+        backbone, info: an already built backbone (train builds the init on the fly with its own); built from
+            the recipe otherwise. It is used frozen, in eval mode, without prompts.
+        device: default ``train.device`` of the recipe (CUDA when present with ``auto``).
+
+    Returns:
+        ``(name, prompts, metadata)``: ``prompts.shallow`` (Np, D) or ``prompts.deep`` (L, Np, D), float32 on CPU.
+
+    Raises:
+        UserError: bad recipe input (data, checkpoint), no prompts, too few tokens for Np prompts.
+    """
+    t_start = time.time()
+    obs = observer or InitObserver()
+    name = prompt_tensor_name(recipe)
+    device = device or resolve_device(recipe.train.device)
+    if backbone is None:
+        b = recipe.backbone
+        seed_everything(recipe.seed)  # a random-weight backbone is rebuilt exactly as train builds it
+        backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs)
+    splits = build_splits(recipe.data, info.data_config, train_eval_transform=True)
+    plain = PromptedViT(backbone, num_classes=2, prompt_mode="none", readout_pool="avg", readout_norm="none",
+                        tune="head").to(device).eval()
+    L = len(backbone.blocks)
+    Np = recipe.prompt.length
+    num_sets = L if name == "prompts.deep" else 1
+    levels = source_levels(num_sets, L, spec.source)
+    unique = sorted(set(levels))
+    amp = autocast_dtype(recipe.train.precision, device)
+    g = torch.Generator().manual_seed(spec.seed)
+    train = splits.train
+    n_images = len(train)
+    order = torch.randperm(n_images, generator=g)
+    meta: dict = {"strategy": spec.strategy, "source": spec.source, "form": spec.form, "seed": spec.seed,
+                  "mode": recipe.prompt.mode, "length": Np, "levels": levels}
+    pin = device.type == "cuda"
+    extract_s = kmeans_s = 0.0
+
+    if spec.strategy == "kmeans":
+        count = max(1, round(spec.fraction * n_images))
+        subset = Subset(train, order[:count].tolist())  # a seeded random subset, streamed in random order
+        loader = make_loader(subset, recipe.data.eval_batch_size, shuffle=False,
+                             num_workers=recipe.data.num_workers, seed=spec.seed, pin_memory=pin)
+        centres, inertia, km, extract_s, kmeans_s = stream_kmeans(plain, loader, unique, Np, spec.seed, device, amp,
+                                                                   spec.form, obs)
+        per_level = {t: centres[j].cpu() for j, t in enumerate(unique)}
+        meta.update(fraction=spec.fraction, images=count, tokens_per_set=km.seen[0],
+                    inertia=[inertia[unique.index(t)] for t in levels], summary_size=km.m,
+                    n_init=km.n_init, algorithm="streaming k-means: mini-batch micro-clusters (Sculley 2010) + "
+                                              "weighted k-means++/Lloyd on the summary")
+        prompts = [per_level[t] for t in levels]
+    else:
+        B = min(recipe.data.batch_size, n_images)
+        batch = torch.stack([train[i][0] for i in order[:B].tolist()]).to(device)
+        t0 = time.perf_counter()
+        with torch.no_grad(), autocast(device, amp):
+            got = {t: tok.float() for t, tok in level_tokens(plain, batch, max(unique), spec.form) if t in unique}
+        _sync(device)
+        extract_s = time.perf_counter() - t0
+        prompts = []
+        for t in levels:
+            tok = got[t]
+            if spec.strategy == "random":
+                prompts.append(sample_prompts(tok, Np, g).cpu())
+            else:
+                prompts.append(pool_prompts(tok, Np, spec.strategy.split("-")[0], spec.form, g).cpu())
+        meta.update(fraction=None, images=B, tokens_per_set=B * got[levels[0]].shape[1],
+                    batch_images=order[:B].tolist())
+    tensor = torch.stack(prompts) if name == "prompts.deep" else prompts[0]
+    d = recipe.data
+    meta.update(
+        seconds=round(time.time() - t_start, 3), extract_seconds=round(extract_s, 3),
+        kmeans_seconds=round(kmeans_s, 3) if spec.strategy == "kmeans" else None, device=str(device),
+        backbone={"name": info.name, "checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256,
+                  "embed_dim": int(backbone.embed_dim), "depth": L},
+        dataset={"dataset": d.dataset, "root": d.root, "split_seed": d.split_seed, "classes": len(splits.classes),
+                 "train_images": n_images},
+        vptool_version=vptool.__version__, tensor=name, shape=list(tensor.shape))
+    return name, tensor.float().contiguous(), meta
+
+
+def write_prompt_file(path: str | Path, name: str, tensor: torch.Tensor, meta: dict, overwrite: bool = False) -> None:
+    """Write an init-prompts file atomically (a temporary file renamed into place).
+
+    Raises:
+        UserError: the file exists (without ``overwrite``), its folder does not, or it is not ``.safetensors``.
+    """
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise UserError(f"-o: {p} must end in .safetensors")
+    if p.exists() and not overwrite:
+        raise UserError(f"-o: {p} already exists; choose another path or pass --overwrite")
+    if not p.parent.is_dir():
+        raise UserError(f"-o: folder {p.parent} does not exist")
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    md = {"format": "pt", **{k: json.dumps(v) for k, v in meta.items()}}
+    save_file({name: tensor.detach().float().cpu().contiguous()}, str(tmp), metadata=md)
+    os.replace(tmp, p)
+
+
+def read_prompt_metadata(path: str | Path) -> dict:
+    """The JSON-decoded metadata of an init-prompts file ({} for a file without any).
+
+    Raises:
+        UserError: the file cannot be read as safetensors.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except Exception as exc:
+        raise UserError(f"prompt.init_file: {path}: cannot read safetensors ({exc})") from None
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def check_prompt_file_backbone(path: str | Path, info: BackboneInfo, embed_dim: int, depth: int) -> None:
+    """Refuse an init-prompts file made on another backbone (name, checkpoint sha256, width or depth).
+
+    Files without vptool metadata (prompts written by other tools) are only shape-checked when loaded.
+
+    Raises:
+        UserError: one line naming the file, what it was made for and what the recipe uses.
+    """
+    meta = read_prompt_metadata(path).get("backbone")
+    if not isinstance(meta, dict):
+        return
+    made, want = [], []
+    if meta.get("name") and meta["name"] != info.name:
+        made.append(f"backbone {meta['name']}")
+        want.append(f"backbone {info.name}")
+    sha = meta.get("checkpoint_sha256")
+    if sha and info.checkpoint_sha256 and sha != info.checkpoint_sha256:
+        made.append(f"checkpoint sha256 {sha[:12]}")
+        want.append(f"checkpoint sha256 {info.checkpoint_sha256[:12]}")
+    for key, have in (("embed_dim", embed_dim), ("depth", depth)):
+        if meta.get(key) is not None and int(meta[key]) != have:
+            made.append(f"{key} {meta[key]}")
+            want.append(f"{key} {have}")
+    if made:
+        raise UserError(f"prompt.init_file: {path} was made for {', '.join(made)}; this recipe uses "
+                        f"{', '.join(want)}; regenerate it with `vptool init-prompts RECIPE -o FILE`")
