@@ -25,6 +25,9 @@ EXPECTED_TRAINABLE = {
     "gatevpt_moco_cub.yaml": 100 * D_BASE + (L_BASE - 1) + L_BASE + 200 * D_BASE + 200,
     # VPTM: 20 zero-init prompts, verbalizer Linear(768, 128) + 100 prototypes of width 128 (pretrained [MASK])
     "vptm_beitv2_cifar100.yaml": 20 * D_BASE + (D_BASE * 128 + 128) + 100 * 128,
+    # SPT (Wang et al. 2024 §3.4 "Parameters"): L x 20 deep prompts / 100 shallow prompts, linear head
+    "spt_deep_mae_cub.yaml": L_BASE * 20 * D_BASE + 200 * D_BASE + 200,
+    "spt_shallow_mae_cub.yaml": 100 * D_BASE + 200 * D_BASE + 200,
 }
 
 
@@ -67,3 +70,18 @@ def test_digits_variants_train_end_to_end(name, min_top1, tmp_path):
         assert "selection ratio" in text.stdout and text.returncode == 0
     else:
         assert summary["mask_token"] == "learned" == result["mask_token"]  # MAE backbone: no pretrained [MASK]
+
+
+def test_init_prompts_on_the_digits_spt_recipe_then_training_from_the_file(tmp_path):
+    """The issue's pipeline: k-means prototypes from 100 % of the digits training split, then train from them."""
+    recipe = ROOT / "recipes" / "quickstart_spt.yaml"
+    out = tmp_path / "p.safetensors"
+    proc = run_cli("init-prompts", str(recipe), "--strategy", "kmeans", "--fraction", "1.0", "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    made = json.loads(proc.stdout)
+    assert made["shape"] == [6, 10, 128] and made["images"] == 1257 and len(made["inertia"]) == 6
+    proc = run_cli("train", str(recipe), "--json", "--set", f"output.dir={tmp_path}", "--set", "prompt.init=file",
+                   "--set", f"prompt.init_file={out}")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["test_top1"] >= 95.0, summary
