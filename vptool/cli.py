@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from vptool import __version__
 from vptool.errors import RecipeError, RunError, UserError
+from vptool.paths import check_new_file
 
 app = typer.Typer(
     name="vptool",
@@ -246,12 +247,7 @@ def init_prompts(
     if strategy is None and r.prompt.init not in STRATEGIES:
         strategy = "kmeans"
     spec = InitSpec.from_recipe(r, strategy, fraction, source, form, seed)
-    if output.suffix != ".safetensors":  # refuse a bad or existing -o before any slow work
-        raise UserError(f"-o: {output} must end in .safetensors")
-    if output.exists() and not overwrite:
-        raise UserError(f"-o: {output} already exists; choose another path or pass --overwrite")
-    if not output.parent.is_dir():
-        raise UserError(f"-o: folder {output.parent} does not exist")
+    check_new_file(output, "-o", ".safetensors", overwrite)  # refuse a bad or existing -o before any slow work
     obs = RichObserver(quiet=json_out)
     try:
         name, tensor, meta = build_prompt_init(r, spec, observer=obs)
@@ -295,12 +291,7 @@ def eval_(
     if split not in ("train", "val", "test"):
         raise UserError(f"--split: {split!r} is not train, val or test")
     if save_logits is not None:
-        if save_logits.suffix != ".npy":
-            raise UserError(f"--save-logits: {save_logits} must end in .npy")
-        if save_logits.exists() and not overwrite:
-            raise UserError(f"--save-logits: {save_logits} already exists; choose another path or pass --overwrite")
-        if not save_logits.parent.is_dir():
-            raise UserError(f"--save-logits: folder {save_logits.parent} does not exist")
+        check_new_file(save_logits, "--save-logits", ".npy", overwrite)
     recipe, setup = load_run(run_dir, device)
     loader = eval_loader(setup, recipe, split)
     logits, labels = predict(setup.model, loader, setup.device, setup.amp_dtype)

@@ -183,18 +183,15 @@ register_preset("vpt-shallow", "VPT-shallow (Jia et al. 2022, eq. 4-5): Np promp
 register_preset("vpt-deep", "VPT-deep (Jia et al. 2022, eq. 7): a prompt set before every block",
                 {"prompt": {"mode": "deep", "length": 10, "init": "xavier", "dropout": 0.1},
                  "train": {"tune": "prompts", "optimizer": "sgd"}})
-register_preset("spt-shallow", "SPT-shallow (Wang et al. 2024, eq. 9-11): 100 shallow prompts from k-means "
+_SPT_TRAIN = {"data": {"batch_size": 32},  # SPT §4.1; lr and weight decay: the official code's defaults
+              "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.05,
+                        "warmup_epochs": 10, "epochs": 100}}
+register_preset("spt-shallow", "SPT-shallow (Wang et al. 2024, eq. 9-12): 100 shallow prompts from k-means "
                                "token prototypes (AdamW)",
-                {"prompt": {"mode": "shallow", "length": 100, "init": "kmeans", "dropout": 0.0},
-                 "data": {"batch_size": 32},
-                 "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.05,
-                           "warmup_epochs": 10, "epochs": 100}})
+                {"prompt": {"mode": "shallow", "length": 100, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN})
 register_preset("spt-deep", "SPT-deep (Wang et al. 2024, eq. 9-10, 13): 20 prompts per block from k-means "
                             "token prototypes of that block's input (AdamW)",
-                {"prompt": {"mode": "deep", "length": 20, "init": "kmeans", "dropout": 0.0},
-                 "data": {"batch_size": 32},
-                 "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.05,
-                           "warmup_epochs": 10, "epochs": 100}})
+                {"prompt": {"mode": "deep", "length": 20, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN})
 register_preset("gatevpt", "GateVPT (Yoo et al. 2023, eq. 6-9): gated shallow prompts + learnable temperature",
                 {"prompt": {"mode": "gated", "length": 100, "init": "xavier", "dropout": 0.1, "gate_init": 5.0,
                             "gate": "soft"},

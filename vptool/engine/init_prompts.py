@@ -28,6 +28,7 @@ from vptool.backbones.build import BackboneInfo, build_backbone
 from vptool.data import build_splits, make_loader
 from vptool.engine.setup import autocast, autocast_dtype, resolve_device, seed_everything
 from vptool.errors import UserError
+from vptool.paths import check_new_file
 from vptool.prompting.kmeans import StreamingKMeans
 from vptool.prompting.model import PromptedViT
 from vptool.prompting.spt import FORMS, SOURCES, STRATEGIES, pool_prompts, sample_prompts, source_levels
@@ -262,13 +263,7 @@ def write_prompt_file(path: str | Path, name: str, tensor: torch.Tensor, meta: d
     """
     from safetensors.torch import save_file
 
-    p = Path(path)
-    if p.suffix != ".safetensors":
-        raise UserError(f"-o: {p} must end in .safetensors")
-    if p.exists() and not overwrite:
-        raise UserError(f"-o: {p} already exists; choose another path or pass --overwrite")
-    if not p.parent.is_dir():
-        raise UserError(f"-o: folder {p.parent} does not exist")
+    p = check_new_file(path, "-o", ".safetensors", overwrite)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     md = {"format": "pt", **{k: json.dumps(v) for k, v in meta.items()}}
     save_file({name: tensor.detach().float().cpu().contiguous()}, str(tmp), metadata=md)
