@@ -210,7 +210,6 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
     meta: dict = {"strategy": spec.strategy, "source": spec.source, "form": spec.form, "seed": spec.seed,
                   "mode": recipe.prompt.mode, "length": Np, "levels": levels}
     pin = device.type == "cuda"
-    extract_s = kmeans_s = 0.0
 
     if spec.strategy == "kmeans":
         count = max(1, round(spec.fraction * n_images))
