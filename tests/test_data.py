@@ -296,13 +296,40 @@ def test_imagefolder_corrupt_image_in_heldout_val(tmp_path, sk):
         pytest.fail("the corrupt file is in neither train nor val")
 
 
-# ============================================== crop_flip =======================================================
+# ============================================ vtab / fgvc ========================================================
 
 
-@pytest.mark.parametrize("h,w,crop_pct", [(16, 16, 0.875), (16, 16, 0.9), (12, 20, 0.875), (16, 16, 1.0)])
-def test_crop_flip_transforms(h, w, crop_pct):
+def _ref_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _ref_norm(x: torch.Tensor) -> torch.Tensor:
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+def _random_image(height: int, width: int, seed: int = 1) -> tuple[Image.Image, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy()
+    return Image.fromarray(arr, "RGB"), torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (12, 20)])
+def test_vtab_transform_square_resize_no_augmentation(h, w):
+    """vtab: the whole image resized to (H, W) (aspect not kept, nothing cropped), train = eval."""
+    train_tf, eval_tf = build_transforms(data_config(h, w, crop_pct=0.875), "vtab", from_pil=True)
+    img, x = _random_image(30, 45)
+    want = _ref_norm(_ref_resize(x, (h, w)))
+    torch.manual_seed(0)
+    for tf in (train_tf, train_tf, eval_tf):
+        torch.testing.assert_close(tf(img), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("h,w,crop_pct", [(16, 16, 0.875), (16, 16, 0.5), (12, 20, 0.875), (32, 32, 1.0)])
+def test_fgvc_transforms(h, w, crop_pct):
+    """fgvc: train = random resized crop + flip; eval = resize to floor(size * 256 / 224) + centre crop, whatever
+    the config's crop_pct."""
     cfg = data_config(h, w, crop_pct=crop_pct)
-    train_tf, eval_tf = build_transforms(cfg, "crop_flip", from_pil=True)
+    train_tf, eval_tf = build_transforms(cfg, "fgvc", from_pil=True)
     rgb = (40, 128, 250)
     const = Image.new("RGB", (37, 29), rgb)
     value = (torch.tensor(rgb) / 255.0 - torch.tensor(MEAN)) / torch.tensor(STD)
@@ -316,20 +343,29 @@ def test_crop_flip_transforms(h, w, crop_pct):
     assert e.shape == (3, h, w)
     torch.testing.assert_close(e, value[:, None, None].expand(3, h, w), atol=1e-5, rtol=0)
 
-    # a non-constant (square) image: resize to floor(size / crop_pct), then the centre (h, w) window
-    g = torch.Generator().manual_seed(1)
-    arr = torch.randint(0, 256, (30, 30, 3), generator=g, dtype=torch.uint8).numpy()
-    img = Image.fromarray(arr, "RGB")
-    ph, pw = math.floor(h / crop_pct), math.floor(w / crop_pct)
-    x = torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
-    big = F.interpolate(x[None], size=(ph, pw), mode="bilinear", antialias=True, align_corners=False)[0]
+    # a non-square image (H 30 x W 45): the shorter side to floor(size * 256 / 224), aspect kept (the longer side
+    # floored), then the centre (h, w) window; a non-square input size scales both sides by 256/224
+    img, x = _random_image(30, 45)
+    if h == w:
+        ph = math.floor(h * 256 / 224)
+        pw = int(ph * 45 / 30)
+    else:
+        ph, pw = math.floor(h * 256 / 224), math.floor(w * 256 / 224)
+    big = _ref_resize(x, (ph, pw))
     top, left = int(round((ph - h) / 2.0)), int(round((pw - w) / 2.0))
-    want = (big[:, top:top + h, left:left + w] - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    want = _ref_norm(big[:, top:top + h, left:left + w])
     torch.testing.assert_close(eval_tf(img), want, atol=1e-4, rtol=0)
 
 
-def test_crop_flip_train_is_random_eval_is_not():
-    train_tf, eval_tf = build_transforms(data_config(16, crop_pct=0.875), "crop_flip", from_pil=True)
+def test_fgvc_eval_size_224():
+    """At ViT-B's 224 the eval resize is VPT's 256."""
+    _, eval_tf = build_transforms(data_config(224, crop_pct=0.9), "fgvc", from_pil=True)
+    resize = [t for t in eval_tf.transforms if type(t).__name__ == "Resize"]
+    assert len(resize) == 1 and list(resize[0].size) == [256]
+
+
+def test_fgvc_train_is_random_eval_is_not():
+    train_tf, eval_tf = build_transforms(data_config(16, crop_pct=0.875), "fgvc", from_pil=True)
     arr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     img = Image.fromarray(arr, "RGB")
     torch.manual_seed(0)
@@ -338,18 +374,25 @@ def test_crop_flip_train_is_random_eval_is_not():
     assert torch.equal(eval_tf(img), eval_tf(img))
 
 
-def test_crop_flip_imagefolder_splits(tmp_path, sk):
-    """crop_flip: train items are random crops of the configured size; held-out val uses the eval transform."""
+@pytest.mark.parametrize("name", ["crop_flip", "resize", "FGVC"])
+def test_unknown_train_transform(name):
+    with pytest.raises(UserError) as exc:
+        build_transforms(data_config(16), name, from_pil=True)
+    assert_one_line_naming(exc, "data.train_transform", repr(name), "vtab", "fgvc")
+
+
+def test_fgvc_imagefolder_splits(tmp_path, sk):
+    """fgvc: train items are random crops of the configured size; held-out val uses the eval transform."""
     make_tree(tmp_path, sk, {"train": 10, "test": 4})
-    splits = build_splits(imagefolder(tmp_path, val_fraction=0.3, train_transform="crop_flip"),
+    splits = build_splits(imagefolder(tmp_path, val_fraction=0.3, train_transform="fgvc"),
                           data_config(12, crop_pct=0.875))
     torch.manual_seed(0)
     x, _ = splits.train[0]
     assert x.shape == (3, 12, 12)
     p = sample_paths(splits.val)[0]
     v, _ = splits.val[0]
-    pre = math.floor(12 / 0.875)  # 13
-    big = F.interpolate(load_ref(p)[None], size=(pre, pre), mode="bilinear", antialias=True, align_corners=False)[0]
+    pre = math.floor(12 * 256 / 224)  # 13
+    big = _ref_resize(load_ref(p), (pre, pre))
     off = int(round((pre - 12) / 2.0))
-    want = (big[:, off:off + 12, off:off + 12] - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
-    torch.testing.assert_close(v, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(v, _ref_norm(big[:, off:off + 12, off:off + 12]), atol=1e-4, rtol=0)
+    assert splits.val.targets == [CLASSES.index(q.parent.name) for q in sample_paths(splits.val)]

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from vptool.data.catalog import dataset_problem, expected_classes
 from vptool.errors import RecipeError, UserError
 from vptool.prompting.layout import order_problem
 
@@ -35,18 +36,33 @@ def _f(default: Any = None, help: str = "", required: bool = False, factory=None
 class BackboneConfig:
     name: str = _f(None, "embedded name (vit_digits_mae) or any timm model name", required=True)
     pretrained: bool = _f(True, "load the embedded weights / timm's pretrained weights (HF cache, offline)")
-    checkpoint: Optional[str] = _f(None, "timm-layout state dict (.safetensors, or .pth/.pt) to load strictly")
+    checkpoint: Optional[str] = _f(None, "local weights file loaded strictly: timm state dict (.safetensors/.pth), "
+                                         "MAE, MoCo v3, Google JAX .npz or BEiT v2 pretraining release")
+    format: Literal["auto", "timm", "mae", "mocov3", "mocov3-linear", "jax-npz", "beitv2-pretrain"] = _f(
+        "auto", "checkpoint layout: auto (detected from the file's keys) or one of the converters' names")
     kwargs: dict = _f(help="extra timm constructor kwargs, e.g. {img_size: 32, depth: 2}", factory=dict)
 
 
 @dataclass
 class DataConfig:
-    dataset: Literal["digits", "imagefolder"] = _f(None, "digits (bundled) or imagefolder", required=True)
-    root: Optional[str] = _f(None, "imagefolder: root/{train,val,test}/<class>/*")
+    dataset: str = _f(None, "digits (bundled) | imagefolder | cub200 | fgvc-json | vtab-1k | torchvision:<Name> "
+                            "(CIFAR10, CIFAR100, Flowers102, Food101, EuroSAT, SVHN, OxfordIIITPet, DTD, PCAM)",
+                      required=True)
+    root: Optional[str] = _f(None, "dataset folder: imagefolder root/{train,val,test}/<class>/*; cub200 "
+                                   "CUB_200_2011/; fgvc-json the folder with {train,val,test}.json; vtab-1k the "
+                                   "vtab-1k/ folder; torchvision:<Name> the root torchvision reads")
+    task: Optional[str] = _f(None, "fgvc-json: cub | nabirds | flowers | dogs | cars; vtab-1k: the task folder "
+                                   "(cifar, caltech101, dtd, ...)")
+    image_dir: Optional[str] = _f(None, "fgvc-json: folder (relative to root) the JSON image paths are relative to; "
+                                        "default per task as in VPT (cub/nabirds images, dogs Images, others root)")
+    vtab_split: Literal["final", "tune"] = _f(
+        "final", "vtab-1k: final (train on train800val200, test on test) | tune (train800, select on val200)")
     split_seed: int = _f(0, "seed of the stratified train/val/test split")
-    val_fraction: float = _f(0.1, "imagefolder without val/: stratified fraction of train held out")
-    train_transform: Literal["resize", "crop_flip"] = _f(
-        "resize", "resize (VTAB) or crop_flip (random resized crop + horizontal flip, FGVC)")
+    val_fraction: float = _f(0.1, "fraction of train held out as val where a dataset has no val split "
+                                  "(imagefolder without val/, cub200, some torchvision sets)")
+    train_transform: Literal["vtab", "fgvc"] = _f(
+        "vtab", "vtab (square resize to the input size, no augmentation) | fgvc (train: random resized crop + "
+                "horizontal flip; eval: resize to 256/224 of the input size, centre crop)")
     num_classes: Optional[int] = _f(None, "K; checked against the data when given (lets --dry-run size the head "
                                           "before the data is on disk)")
     batch_size: int = _f(64, "training batch size B")
@@ -312,8 +328,20 @@ def _cross_checks(r: Recipe) -> list[str]:
         close = difflib.get_close_matches(r.method, list(PRESETS), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(PRESETS)}"
         return [f"method: unknown preset {r.method!r}; {hint}"]  # the rest depends on the preset
-    if r.data.dataset == "imagefolder" and not r.data.root:
-        e.append("data.root: missing; dataset imagefolder needs root/{train,val,test}/<class>/* (set data.root)")
+    problem = dataset_problem(r.data.dataset, r.data.task)
+    if problem:
+        e.append(problem)
+    elif r.data.dataset != "digits" and not r.data.root:
+        e.append(f"data.root: missing; dataset {r.data.dataset} reads its files from data.root (set data.root)")
+    known = expected_classes(r.data.dataset, r.data.task) if not problem else None
+    if known is not None and r.data.num_classes is not None and r.data.num_classes != known:
+        what = f"{r.data.dataset} task {r.data.task}" if r.data.task else r.data.dataset
+        e.append(f"data.num_classes: {r.data.num_classes} but {what} has {known} classes; set data.num_classes: "
+                 f"{known} or remove it")
+    if r.data.task is not None and r.data.dataset not in ("fgvc-json", "vtab-1k"):
+        e.append(f"data.task: set but data.dataset is {r.data.dataset!r}; only fgvc-json and vtab-1k have tasks")
+    if r.data.image_dir is not None and r.data.dataset != "fgvc-json":
+        e.append(f"data.image_dir: set but data.dataset is {r.data.dataset!r}; only fgvc-json reads it")
     if r.prompt.init == "file" and not r.prompt.init_file:
         e.append("prompt.init_file: missing; prompt.init 'file' needs the path of an init-prompts output")
     if r.prompt.init_file and r.prompt.init != "file":

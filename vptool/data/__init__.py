@@ -1,21 +1,36 @@
-"""Datasets and transforms: ``digits`` (bundled) and ``imagefolder`` (your own images).
+"""Datasets and transforms.
+
+Readers (``data.dataset``): ``digits`` (bundled), ``imagefolder`` (your own images), ``cub200``
+(CUB_200_2011 release), ``fgvc-json`` (VPT's FGVC JSON splits), ``vtab-1k`` (VTAB-1k split lists) and
+``torchvision:<Name>`` (torchvision's classes, never downloading). Each returns train/val/test datasets of
+``(image tensor, int label)`` with a ``targets`` list, and the class names.
 
 Input size, mean and std always come from the backbone's data config (timm ``resolve_model_data_config``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
+from vptool.data.files import FileListDataset, TargetSubset, checked_loader, stratified_holdout
 from vptool.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+#: ``data.train_transform`` values (see ``build_transforms``).
+TRAIN_TRANSFORMS = ("vtab", "fgvc")
+
+#: the FGVC evaluation resize: shorter side to size * 256 / 224 before the centre crop (VPT's FGVC setting).
+FGVC_RESIZE_RATIO = (256, 224)
+
+_checked_loader = checked_loader  # the name imagefolder and older callers use
+
+__all__ = ["Splits", "build_transforms", "build_splits", "check_layout", "make_loader", "FileListDataset",
+           "TargetSubset", "TRAIN_TRANSFORMS"]
 
 
 @dataclass
@@ -36,45 +51,37 @@ class Splits:
 def build_transforms(data_config: dict, train_transform: str, from_pil: bool):
     """(train, eval) torchvision v2 transforms for a backbone's data config.
 
-    ``resize`` (VPT's VTAB setting): resize to the input size, both for training and evaluation.
-    ``crop_flip`` (VPT's FGVC setting): random resized crop + horizontal flip for training; for evaluation,
-    resize the shorter side to size / crop_pct (aspect ratio kept) and center crop.
+    ``vtab`` (VPT's VTAB setting): resize to the input size (H, W), no augmentation, for training and
+    evaluation alike. ``fgvc`` (VPT's FGVC setting): training takes a random resized crop of the input size and
+    a random horizontal flip; evaluation resizes the shorter side to floor(size * 256 / 224) (aspect ratio kept)
+    and centre crops the input size. For a non-square input size (H, W) the evaluation resize is to
+    (floor(H * 256 / 224), floor(W * 256 / 224)). Both end with normalisation by the config's mean and std.
 
     Args:
-        data_config: timm data config (``input_size`` (3, H, W), ``mean``, ``std``, ``crop_pct``).
-        train_transform: ``resize`` or ``crop_flip``.
-        from_pil: inputs are PIL images (imagefolder) rather than float tensors in [0, 1] (digits).
+        data_config: timm data config (``input_size`` (3, H, W), ``mean``, ``std``).
+        train_transform: ``vtab`` or ``fgvc``.
+        from_pil: inputs are PIL images (file-based readers) rather than float tensors in [0, 1] (digits).
+
+    Raises:
+        UserError: an unknown ``train_transform``.
     """
     from torchvision.transforms import v2
 
-    size = tuple(data_config["input_size"][1:])
+    if train_transform not in TRAIN_TRANSFORMS:
+        raise UserError(f"data.train_transform: {train_transform!r} is not one of {', '.join(TRAIN_TRANSFORMS)} "
+                        "(vtab: resize; fgvc: random resized crop + flip)")
+    size = tuple(int(s) for s in data_config["input_size"][1:])
     head = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)] if from_pil else []
     norm = v2.Normalize(mean=list(data_config["mean"]), std=list(data_config["std"]))
-    if train_transform == "crop_flip":
-        crop_pct = float(data_config.get("crop_pct") or 0.875)
+    if train_transform == "fgvc":
+        num, den = FGVC_RESIZE_RATIO
         train = v2.Compose(head + [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), norm])
-        if size[0] == size[1]:  # shorter side to size / crop_pct, aspect kept (timm's eval transform)
-            pre = int(math.floor(size[0] / crop_pct))
-        else:
-            pre = tuple(int(math.floor(s / crop_pct)) for s in size)
+        pre = size[0] * num // den if size[0] == size[1] else tuple(s * num // den for s in size)
         evaluate = v2.Compose(head + [v2.Resize(pre, antialias=True), v2.CenterCrop(size), norm])
     else:
         train = v2.Compose(head + [v2.Resize(size, antialias=True), norm])
         evaluate = train
     return train, evaluate
-
-
-def _checked_loader(path: str):
-    """PIL loader that names the file when an image is corrupt or unreadable."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as fh:
-            img = Image.open(fh)
-            return img.convert("RGB")
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: {exc}); remove or replace the file") \
-            from None
 
 
 def _image_folder(root: Path, transform):
@@ -87,28 +94,115 @@ def _image_folder(root: Path, transform):
 
 
 def _stratified_holdout(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    from sklearn.model_selection import train_test_split
+    """imagefolder's seeded stratified hold-out (``files.stratified_holdout`` with its fix hint)."""
+    return stratified_holdout(targets, fraction, seed, what="train", fix="add a val/ folder or change "
+                              "data.val_fraction")
 
-    idx = np.arange(len(targets))
-    try:
-        keep, held = train_test_split(idx, test_size=fraction, stratify=targets, random_state=seed)
-    except ValueError as exc:
-        raise UserError(f"data.val_fraction: cannot hold out a stratified {fraction} of train ({exc}); "
-                        "add a val/ folder or change data.val_fraction") from None
-    return sorted(keep.tolist()), sorted(held.tolist())
+
+IMAGEFOLDER_LAYOUT = "imagefolder expects <root>/train/<class>/* and <root>/test/<class>/* (val/ optional)"
+
+
+def _imagefolder_layout(data) -> Path:
+    if not data.root:
+        raise UserError(f"data.root: missing; {IMAGEFOLDER_LAYOUT} (set data.root)")
+    root = Path(data.root)
+    if not root.is_dir():
+        raise UserError(f"data.root: {root} not found; point it at a folder with train/ and test/ "
+                        "subfolders of <class>/ image folders")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UserError(f"data.root: {root / split} not found; imagefolder needs {root}/train/<class>/* "
+                            f"and {root}/test/<class>/* (val/ optional)")
+    return root
+
+
+def _imagefolder(data, train_tf, eval_tf) -> Splits:
+    root = _imagefolder_layout(data)
+    train = _image_folder(root / "train", train_tf)
+    test = _image_folder(root / "test", eval_tf)
+    if (root / "val").is_dir():
+        val = _image_folder(root / "val", eval_tf)
+    else:
+        keep, held = _stratified_holdout(train.targets, data.val_fraction, data.split_seed)
+        val_base = _image_folder(root / "train", eval_tf)
+        train, val = TargetSubset(train, keep), TargetSubset(val_base, held)
+    base_train = train.dataset if isinstance(train, TargetSubset) else train
+    for name, ds in (("val", val.dataset if isinstance(val, TargetSubset) else val), ("test", test)):
+        if ds.classes != base_train.classes:
+            raise UserError(f"data.root: {root / name} has classes {ds.classes[:5]}..., train has "
+                            f"{base_train.classes[:5]}...; every split needs the same <class> folders")
+    return Splits(train, val, test, list(base_train.classes))
+
+
+def _dataset_problem(data) -> None:
+    from vptool.data.catalog import dataset_problem
+
+    problem = dataset_problem(data.dataset, data.task)
+    if problem:
+        raise UserError(problem)
+
+
+def check_layout(data) -> None:
+    """Check that the files and folders ``data.dataset``'s reader needs exist, without reading any image.
+
+    Nothing is parsed or decoded and no torchvision dataset is constructed: ``vptool train --dry-run`` calls
+    this to report a dataset that is not on disk yet. The errors are the ones ``build_splits`` raises for the
+    same problem. ``digits`` needs nothing; ``imagefolder`` needs ``root/train`` and ``root/test``; ``cub200``,
+    ``fgvc-json`` and ``vtab-1k`` their list files and image folder; ``torchvision:<Name>`` the files torchvision's
+    reader requires (``tvsets.SETS``).
+
+    Args:
+        data: a recipe's ``data`` section (``DataConfig``).
+
+    Raises:
+        UserError: an unknown dataset or task, a missing root, list file or folder (one line naming it and the
+            expected layout).
+    """
+    if data.dataset == "digits":
+        return
+    _dataset_problem(data)
+    if data.dataset == "imagefolder":
+        _imagefolder_layout(data)
+    elif data.dataset == "cub200":
+        from vptool.data import cub200
+
+        cub200.check_layout(data.root)
+    elif data.dataset == "fgvc-json":
+        from vptool.data import fgvc
+
+        fgvc.check_layout(data)
+    elif data.dataset == "vtab-1k":
+        from vptool.data import vtab
+
+        vtab.check_layout(data)
+    else:
+        from vptool.data import tvsets
+
+        tvsets.check_layout(data.dataset.split(":", 1)[1], data.root)
 
 
 def build_splits(data, data_config: dict, train_eval_transform: bool = False) -> Splits:
     """Build train/val/test datasets from a recipe's ``data`` section.
 
-    ``train_eval_transform`` gives the training split the deterministic eval transform (feature extraction,
-    ``init-prompts``).
+    Every split yields ``(image tensor (3, H, W) after its transform, int label)`` and has ``targets``
+    (``list[int]``). Train gets the training transform (``data.train_transform``), val and test the eval
+    transform; ``train_eval_transform`` gives train the eval transform too (feature extraction, ``init-prompts``).
 
-    ``digits``: stratified seeded 70/10/20 split of scikit-learn's digits. ``imagefolder``:
-    ``root/{train,val,test}/<class>/*``; without ``val/``, a seeded stratified ``val_fraction`` of train.
+    - ``digits``: stratified seeded 70/10/20 split of scikit-learn's digits.
+    - ``imagefolder``: ``root/{train,val,test}/<class>/*``; without ``val/``, a seeded stratified
+      ``val_fraction`` of train.
+    - ``cub200``: official test; a seeded stratified ``val_fraction`` of the official train as val
+      (``vptool.data.cub200``).
+    - ``fgvc-json``: VPT's ``{train,val,test}.json`` (``vptool.data.fgvc``).
+    - ``vtab-1k``: ``<task>/{train800,val200,train800val200,test}.txt`` by ``data.vtab_split``
+      (``vptool.data.vtab``).
+    - ``torchvision:<Name>``: the official splits, a held-out val where there is none (``vptool.data.tvsets``).
+
+    Every listed image file is checked to exist here; images are decoded when an item is indexed.
 
     Raises:
-        UserError: missing root or split folders, class lists that differ between splits.
+        UserError: unknown dataset or task, missing root / list files / images, malformed lists, labels out of
+            range, class lists that differ between splits, an impossible hold-out, unreadable torchvision files.
     """
     if data.dataset == "digits":
         from vptool.data.digits import CLASSES, DigitsDataset
@@ -118,31 +212,26 @@ def build_splits(data, data_config: dict, train_eval_transform: bool = False) ->
         return Splits(DigitsDataset("train", train_tf, data.split_seed), DigitsDataset("val", eval_tf, data.split_seed),
                       DigitsDataset("test", eval_tf, data.split_seed), list(CLASSES))
 
-    root = Path(data.root)
-    if not root.is_dir():
-        raise UserError(f"data.root: {root} not found; point it at a folder with train/ and test/ "
-                        "subfolders of <class>/ image folders")
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise UserError(f"data.root: {root / split} not found; imagefolder needs {root}/train/<class>/* "
-                            f"and {root}/test/<class>/* (val/ optional)")
+    _dataset_problem(data)
     train_tf, eval_tf = build_transforms(data_config, data.train_transform, from_pil=True)
     train_tf = eval_tf if train_eval_transform else train_tf
-    train = _image_folder(root / "train", train_tf)
-    test = _image_folder(root / "test", eval_tf)
-    if (root / "val").is_dir():
-        val = _image_folder(root / "val", eval_tf)
-    else:
-        keep, held = _stratified_holdout(train.targets, data.val_fraction, data.split_seed)
-        val_base = _image_folder(root / "train", eval_tf)
-        train, val = Subset(train, keep), Subset(val_base, held)
-    classes = val.dataset.classes if isinstance(val, Subset) else val.classes
-    base_train = train.dataset if isinstance(train, Subset) else train
-    for name, ds in (("val", val if not isinstance(val, Subset) else val.dataset), ("test", test)):
-        if ds.classes != base_train.classes:
-            raise UserError(f"data.root: {root / name} has classes {ds.classes[:5]}..., train has "
-                            f"{base_train.classes[:5]}...; every split needs the same <class> folders")
-    return Splits(train, val, test, list(classes))
+    if data.dataset == "imagefolder":
+        return _imagefolder(data, train_tf, eval_tf)
+    if data.dataset == "cub200":
+        from vptool.data import cub200 as reader
+
+        return Splits(*reader.build(data, train_tf, eval_tf))
+    if data.dataset == "fgvc-json":
+        from vptool.data import fgvc as reader
+
+        return Splits(*reader.build(data, train_tf, eval_tf))
+    if data.dataset == "vtab-1k":
+        from vptool.data import vtab as reader
+
+        return Splits(*reader.build(data, train_tf, eval_tf))
+    from vptool.data import tvsets
+
+    return Splits(*tvsets.build(data.dataset.split(":", 1)[1], data, train_tf, eval_tf))
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
