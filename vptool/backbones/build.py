@@ -6,10 +6,19 @@ standard ``Attention``, or a timm ``Beit`` (BEiT v1/v2: relative position bias, 
 either by an embedded name (``vit_digits_mae``, see ``embedded.py``) or by any timm model name, with
 constructor kwargs so tests can build tiny configurations.
 
-Checkpoints are read with ``safetensors`` or ``torch.load(weights_only=True)`` -- nothing in a file is executed
-(only ``argparse.Namespace`` is allow-listed, for the ``args`` of training dumps) -- their layout is detected
-from the keys and converted by a pure converter (``convert.py``), and the result is compared key by key with
-the model: every missing key, unexpected key and shape mismatch is reported.
+Checkpoints are read with ``safetensors``, ``numpy.load(allow_pickle=False)`` (JAX ``.npz``) or
+``torch.load(weights_only=True)`` -- nothing in a file is executed (only ``argparse.Namespace`` is allow-listed,
+for the ``args`` of training dumps) -- their layout is detected from the keys or named by ``backbone.format``
+and converted by a pure converter (``convert.py``), and the result is compared key by key with the model: the
+first mismatching tensor, every missing key, unexpected key and shape mismatch is reported.
+
+Weights of timm models hosted on the Hugging Face Hub (``pretrained: true`` without a checkpoint) go through the
+same path: the file is found in the local Hugging Face cache (``$HF_HUB_CACHE``), downloaded only when
+``HF_HUB_OFFLINE`` is unset, and loaded strictly -- never by timm's non-strict fallback.
+
+Normalisation: the data config (``mean``/``std``) follows the checkpoint's pretraining. Formats that imply one
+(``convert.FORMAT_NORMALIZATION``: MAE and MoCo v3 -> ImageNet mean/std, JAX in21k ``.npz`` -> 0.5/0.5) replace
+the timm model's own values (logged when they differ); ``timm`` and ``beitv2-pretrain`` keep the model's cfg.
 """
 
 from __future__ import annotations
@@ -22,10 +31,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from vptool.backbones.convert import BEITV2_INDEX_KEY, CONVERTERS, beit_constructor_kwargs, detect_format
+from vptool.backbones.convert import (
+    BEITV2_INDEX_KEY,
+    CONVERTERS,
+    FORMAT_NORMALIZATION,
+    SIGNATURES,
+    beit_constructor_kwargs,
+    detect_format,
+)
 from vptool.backbones.embedded import EMBEDDED
 from vptool.errors import UserError
 
@@ -41,11 +58,13 @@ class BackboneInfo:
 
     Attributes:
         name: the backbone name as given (embedded or timm).
-        checkpoint: path of the loaded weights file, or None (random init / timm's own pretrained weights).
+        checkpoint: path of the loaded weights file (``backbone.checkpoint``, the embedded weights, or the file
+            resolved in the Hugging Face cache), or None (random init / timm's own pretrained loader).
         checkpoint_sha256: hex SHA-256 of that file, or None.
-        data_config: timm data config (``input_size``, ``mean``, ``std``, ...), lists instead of tuples.
-        format: the detected checkpoint layout (a key of ``convert.CONVERTERS``: ``"timm"``,
-            ``"beitv2-pretrain"``), or None when no file was loaded.
+        data_config: timm data config (``input_size``, ``mean``, ``std``, ...), lists instead of tuples; ``mean``
+            and ``std`` are the pretraining's (``convert.FORMAT_NORMALIZATION``) where the format implies them.
+        format: the checkpoint layout the file was loaded as (a key of ``convert.CONVERTERS``: detected, or
+            ``backbone.format``), or None when no file was loaded.
         extras: pretrained tensors the timm model has no slot for, name -> tensor (never written to JSON),
             e.g. ``"mask_token"`` (1, 1, D) float32, ``"lm_head.weight"`` (V, D), ``"lm_head.bias"`` (V,) for
             ``beitv2-pretrain``; empty otherwise.
@@ -78,31 +97,59 @@ def _reason(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    """The arrays of a JAX ``.npz`` as float32 tensors, keyed by their '/'-separated names (no pickles)."""
+    with np.load(str(path), allow_pickle=False) as npz:
+        return {k: torch.from_numpy(np.array(npz[k], dtype=np.float32)) for k in npz.files}
+
+
+def _cut_zip(path: Path) -> bool:
+    """The file starts like a zip archive (torch >= 1.6 files, ``.npz``) but its central directory is gone."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        return magic == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
 def read_state_dict(path: str | Path, key: str = "backbone.checkpoint") -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch pickle loaded with ``weights_only=True``.
+    """Read a state dict from ``.safetensors``, a JAX ``.npz`` or a torch pickle loaded with ``weights_only=True``.
 
     A torch file may hold the state dict itself or wrap it as ``{"model": sd}`` / ``{"state_dict": sd}``; other
-    entries of a training dump (optimizer, epoch, scaler, ``args`` as an ``argparse.Namespace``) are read and
-    discarded. ``argparse.Namespace`` is the only class allow-listed beyond torch's weights-only set.
+    entries of a training dump (optimizer, epoch, scaler, ``best_acc1``, ``args`` as an ``argparse.Namespace``)
+    are read and discarded. ``argparse.Namespace`` is the only class allow-listed beyond torch's weights-only set.
+    A file whose name ends in ``.npz`` is read with ``numpy.load(allow_pickle=False)``; its arrays become float32
+    tensors under their own names (e.g. ``Transformer/encoder_norm/scale``).
 
     Raises:
-        UserError: the file is missing, unreadable, unsafe to unpickle, or holds no tensor mapping.
+        UserError: the file is missing, truncated or corrupt, unsafe to unpickle, or holds no tensor mapping
+            (one line naming ``key`` and the path).
     """
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{key}: {p} not found; point {key} at an existing .safetensors/.pth/.pt file")
+        raise UserError(f"{key}: {p} not found; point {key} at an existing .safetensors/.pth/.pt/.npz file")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             sd = load_file(str(p))
+        elif p.suffix == ".npz":
+            sd = _read_npz(p)
         else:
             # Namespace only restores attributes (no __reduce__/__setstate__ code), so allowing it runs nothing
             with torch.serialization.safe_globals([argparse.Namespace]):
                 sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors / pickle errors have many types; all mean "cannot read this file"
-        raise UserError(f"{key}: cannot read {p} as a weights-only checkpoint ({_reason(exc)}); "
-                        "vptool never unpickles code: convert it to a plain state dict or .safetensors") from None
+    except Exception as exc:  # safetensors / zip / pickle errors have many types; all mean "cannot read this file"
+        text = str(exc)
+        if "WeightsUnpickler error:" in text or "allow_pickle=False" in text:
+            raise UserError(f"{key}: cannot read {p} as a weights-only checkpoint ({_reason(exc)}); vptool never "
+                            "unpickles code: save it as a plain state dict, .safetensors or a numeric .npz") from None
+        reason = "zip archive cut short: no central directory" if _cut_zip(p) else _reason(exc)
+        raise UserError(f"{key}: cannot read {p} ({reason}); the file is truncated, corrupt or not a "
+                        "checkpoint: copy it again, or convert it to .safetensors") from None
     if isinstance(sd, dict):
         for wrapper in ("model", "state_dict"):
             if wrapper in sd and isinstance(sd[wrapper], dict):
@@ -113,27 +160,50 @@ def read_state_dict(path: str | Path, key: str = "backbone.checkpoint") -> dict[
     return sd
 
 
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
 def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
-                key: str = "backbone.checkpoint") -> None:
+                key: str = "backbone.checkpoint", name: str | None = None) -> None:
     """Load ``sd`` into ``model``; every key must match in name and shape (pretraining heads are ignored).
 
+    Args:
+        model: the backbone.
+        sd: a converted state dict (timm names).
+        source: the file it came from (named in the error).
+        key: the recipe key that gave the file.
+        name: the backbone name (named in the error), or None.
+
     Raises:
-        UserError: one line listing missing keys, unexpected keys and shape mismatches (first few of each).
+        UserError: one line that starts with the first mismatching tensor in the model's key order (missing from
+            the file, or its shape in the file and in the model; else the first unexpected key), then counts
+            and the first few of each kind: missing keys, unexpected keys, shape mismatches. E.g. ``backbone.
+            checkpoint: /x.pth does not match vit_base_patch16_224: first mismatch cls_token is (1, 1, 1024) in
+            the file, (1, 1, 768) in the model; 148 shape mismatches: ...; 96 unexpected: ...; check ...``.
     """
     own = model.state_dict()
     ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES) and k not in own]
     sd = {k: v for k, v in sd.items() if k not in ignored}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+    mismatched = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        first = next((k for k in own if k in missing or k in mismatched), None)
+        if first is None:
+            head = f"first mismatch {unexpected[0]} {_shape(sd[unexpected[0]])} is in the file, not in the model"
+        elif first in missing:
+            head = f"first mismatch {first} {_shape(own[first])} is in the model, missing from the file"
+        else:
+            head = f"first mismatch {first} is {_shape(sd[first])} in the file, {_shape(own[first])} in the model"
+        shapes = [f"{k} {_shape(sd[k])} vs model {_shape(own[k])}" for k in mismatched]
+        parts = [head]
+        for label, items in (("shape mismatches", shapes), ("missing", missing), ("unexpected", unexpected)):
             if items:
                 more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
                 parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
-        raise UserError(f"{key}: {source} does not match the backbone: {'; '.join(parts)}; "
+        target = name if name is not None else "the backbone"
+        raise UserError(f"{key}: {source} does not match {target}: {'; '.join(parts)}; "
                         "check backbone.name/backbone.kwargs against the checkpoint")
     model.load_state_dict(sd, strict=True)
     if ignored:
@@ -233,40 +303,176 @@ def _check_rel_pos_index(model: nn.Module, sd: dict[str, torch.Tensor], source: 
                         "img_size/patch_size against the checkpoint")
 
 
+#: weight files looked for in a timm model's Hugging Face repo, in timm's order of preference.
+HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hub_source(name: str, kwargs: dict) -> tuple[str, str | None, tuple[str, ...]] | None:
+    """Where timm would fetch ``name``'s pretrained weights on the Hugging Face Hub.
+
+    Returns:
+        ``(repo_id, revision, filenames)`` from the model's pretrained cfg (``hf_hub_id`` ``"timm/<name>"``,
+        revision after an ``@``, the cfg's ``hf_hub_filename`` first if set), or None when timm's own loader
+        has to run: no ``hf_hub_id``, a local ``file``/``state_dict``/``local-dir`` source, a custom hub loader
+        (``custom_load='hf'``), or a ``pretrained_cfg``/``pretrained_cfg_overlay`` in ``backbone.kwargs``.
+    """
+    from timm.models import get_pretrained_cfg
+
+    if "pretrained_cfg" in kwargs or "pretrained_cfg_overlay" in kwargs:
+        return None
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag: timm's create_model names it
+        return None
+    if (cfg is None or not cfg.hf_hub_id or cfg.file or cfg.state_dict or cfg.source == "local-dir"
+            or cfg.custom_load == "hf"):
+        return None
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    names = tuple(dict.fromkeys(([cfg.hf_hub_filename] if cfg.hf_hub_filename else []) + list(HUB_FILENAMES)))
+    return repo_id, revision or None, names
+
+
+def _hub_file(name: str, repo_id: str, revision: str | None, filenames: tuple[str, ...]) -> Path:
+    """The local path of ``repo_id``'s weights: from the Hugging Face cache, else downloaded (not when offline).
+
+    The cache is ``huggingface_hub.constants.HF_HUB_CACHE`` (``$HF_HUB_CACHE``; a file placed by hand at
+    ``models--timm--<name>/snapshots/<rev>/model.safetensors`` with ``refs/main`` holding ``<rev>`` counts).
+
+    Raises:
+        UserError: the file is not cached and ``HF_HUB_OFFLINE`` is set, or the download fails; one line naming
+            the model, the expected cache path and ``backbone.checkpoint`` as the alternative.
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    try:
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:  # huggingface_hub < 0.23
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    for fn in filenames:
+        hit = try_to_load_from_cache(repo_id, fn, revision=revision)
+        if isinstance(hit, str):
+            return Path(hit)
+    expected = (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" /
+                (revision or "<rev>") / filenames[0])
+
+    def missing(why: str) -> UserError:
+        return UserError(f"backbone.pretrained: weights for {name!r} ({repo_id}) are not in the Hugging Face cache "
+                         f"({why}); expected {expected}; put the file there (with refs/main naming <rev>) or set "
+                         "backbone.checkpoint to a local weights file")
+
+    if constants.HF_HUB_OFFLINE:
+        raise missing("HF_HUB_OFFLINE is set")
+    reason = "not found on the Hub"
+    for fn in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, fn, revision=revision))
+        except LocalEntryNotFoundError as exc:  # no connection (a subclass of EntryNotFoundError: test it first)
+            reason = f"download failed: {_reason(exc)}"
+            break
+        except EntryNotFoundError:  # the repo has no such file: try the next name
+            continue
+        except Exception as exc:  # network, auth, disk: one line either way
+            reason = f"download failed: {_reason(exc)}"
+            break
+    raise missing(reason)
+
+
+def _choose_format(sd: dict[str, torch.Tensor], format: str, source: Path, key: str) -> str:
+    """The format to convert ``sd`` with: detected for ``"auto"``, else ``format`` once its keys are found.
+
+    Raises:
+        UserError: ``format`` is explicit but the file lacks its signature keys (``convert.SIGNATURES``); the
+            message names ``backbone.format``, the file and the detected format.
+    """
+    detected = detect_format(sd)
+    if format == "auto":
+        return detected
+    test, wants = SIGNATURES[format]
+    if not test(sd):
+        raise UserError(f"backbone.format: {format} but {source} ({key}) has no {wants} (looks like {detected}); "
+                        f"set backbone.format: auto or {detected}")
+    return format
+
+
+def _data_config(model: nn.Module, fmt: str | None) -> dict:
+    """timm's data config for ``model``, with the mean/std that ``fmt``'s pretraining used (if it implies one)."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    cfg["input_size"] = (3, *model.patch_embed.img_size)  # the size the model was built for
+    if fmt in FORMAT_NORMALIZATION:
+        mean, std = FORMAT_NORMALIZATION[fmt]
+        if tuple(cfg.get("mean", ())) != tuple(mean) or tuple(cfg.get("std", ())) != tuple(std):
+            log.info("%s weights: normalisation mean=%s std=%s replaces the model's mean=%s std=%s",
+                     fmt, mean, std, cfg.get("mean"), cfg.get("std"))
+        cfg["mean"], cfg["std"] = tuple(mean), tuple(std)
+    return cfg
+
+
 def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = None,
-                   kwargs: dict | None = None) -> tuple[nn.Module, BackboneInfo]:
+                   kwargs: dict | None = None, format: str = "auto") -> tuple[nn.Module, BackboneInfo]:
     """Build a frozen ViT backbone in eval mode.
 
-    When ``checkpoint`` is given the file is read first and its layout detected (``convert.detect_format``):
+    The weights file is ``checkpoint`` if given; else, with ``pretrained``, the embedded weights for an
+    embedded name, or the timm model's Hugging Face file (``hf_hub_id`` in its pretrained cfg) found in the
+    local cache (downloaded only when ``HF_HUB_OFFLINE`` is unset); timm models without a hub file keep timm's
+    own pretrained loader. A file's layout is detected (``convert.detect_format``) unless ``format`` names it,
+    converted (``convert.CONVERTERS``) and loaded strictly:
 
-    - ``"timm"``: the model is built from ``name``/``kwargs`` and the file loaded strictly as is;
+    - ``"timm"``, ``"mae"``, ``"mocov3"``, ``"mocov3-linear"``, ``"jax-npz"``: the model is built from
+      ``name``/``kwargs`` and the converted state dict loaded (decoders, projectors, heads dropped);
     - ``"beitv2-pretrain"``: ``name`` must be a timm BEiT model (``beitv2_base_patch16_224``); it is built with
       ``convert.beit_constructor_kwargs`` merged over ``kwargs`` (no absolute position embedding, shared
-      relative position bias, final norm, layer scale; a conflicting user kwarg is an error), the file is
-      converted, loaded strictly, and ``mask_token``/``lm_head.*`` are returned in ``info.extras``.
+      relative position bias, final norm, layer scale; a conflicting user kwarg is an error), and
+      ``mask_token``/``lm_head.*`` are returned in ``info.extras``.
+
+    ``info.data_config`` takes ``mean``/``std`` from ``convert.FORMAT_NORMALIZATION`` for formats that imply
+    them (MAE, MoCo v3: ImageNet; ``jax-npz``: 0.5/0.5), else from the timm model's pretrained cfg. An explicit
+    ``format`` with no file to load (``pretrained=False``, or timm's own loader) only sets that normalisation.
 
     Args:
-        name: embedded name (``vit_digits_mae``) or a timm model name.
-        pretrained: load the embedded weights, or timm's pretrained weights (ignored when ``checkpoint`` is set).
-        checkpoint: path of a state dict (timm layout or a detected format) to load strictly instead.
+        name: embedded name (``vit_digits_mae``) or a timm model name (with a pretrained tag, e.g.
+            ``vit_base_patch16_224.mae``).
+        pretrained: load the embedded weights, or the timm model's pretrained weights (ignored when
+            ``checkpoint`` is set).
+        checkpoint: path of a weights file (``.safetensors``, torch pickle, JAX ``.npz``) to load instead.
         kwargs: extra constructor kwargs (``img_size``, ``depth``, ``embed_dim``, ...).
+        format: ``"auto"`` (detect from the keys) or a key of ``convert.CONVERTERS`` (``backbone.format``).
 
     Returns:
         ``(model, info)``: the backbone with ``requires_grad=False`` everywhere, and what a run records about it.
 
     Raises:
-        UserError: unknown name, bad kwargs, missing/unreadable/mismatched checkpoint, a checkpoint layout the
-            named model cannot hold, unsupported architecture.
+        UserError: unknown name or format, bad kwargs, missing/truncated/unreadable/mismatched checkpoint, an
+            explicit format the file does not have, a checkpoint layout the named model cannot hold, weights
+            not in the Hugging Face cache while offline, unsupported architecture.
     """
-    from timm.data import resolve_model_data_config
+    import timm
     from timm.models.vision_transformer import VisionTransformer
 
+    if format != "auto" and format not in CONVERTERS:
+        raise UserError(f"backbone.format: unknown format {format!r}; choose auto or one of {', '.join(CONVERTERS)}")
     kwargs = dict(kwargs or {})
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    ckpt_key = "backbone.checkpoint"
+    timm_pretrained = False
+    if ckpt_path is None and pretrained:
+        if name in EMBEDDED:
+            ckpt_path, ckpt_key = EMBEDDED[name].path, "backbone.name"
+            if not ckpt_path.is_file():
+                raise UserError(f"backbone.name: embedded weights {ckpt_path} are missing; "
+                                "reinstall vptool or run python -m vptool.backbones.pretrain_digits_mae")
+        elif timm.is_model(name):
+            hub = _hub_source(name, kwargs)
+            if hub is None:
+                timm_pretrained = True
+            else:
+                ckpt_path, ckpt_key = _hub_file(name, *hub), "backbone.pretrained"
     sd = fmt = None
     if ckpt_path is not None:
-        sd = read_state_dict(ckpt_path, "backbone.checkpoint")
-        fmt = detect_format(sd)
+        sd = read_state_dict(ckpt_path, ckpt_key)
+        fmt = _choose_format(sd, format, ckpt_path, ckpt_key)
         if fmt == "beitv2-pretrain":
             if _is_other_model(name):  # an unknown name falls through to _create_timm's did-you-mean
                 raise UserError(f"backbone.name: {name!r} cannot hold the BEiT v2 pretraining checkpoint "
@@ -281,30 +487,22 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
         size = model.patch_embed.img_size
         model.pretrained_cfg = dict(input_size=(3, *size), mean=emb.mean, std=emb.std, crop_pct=1.0,
                                     interpolation="bilinear", num_classes=0)
-        if checkpoint is None and pretrained:
-            ckpt_path = emb.path
-            if not ckpt_path.is_file():
-                raise UserError(f"backbone.name: embedded weights {ckpt_path} are missing; "
-                                "reinstall vptool or run python -m vptool.backbones.pretrain_digits_mae")
     else:
-        model = _create_timm(name, pretrained and checkpoint is None, kwargs)
+        model = _create_timm(name, timm_pretrained, kwargs)
     check_supported(model, name)
     sha = None
     extras: dict[str, torch.Tensor] = {}
     if ckpt_path is not None:
-        if sd is None:  # the embedded weights
-            sd = read_state_dict(ckpt_path, "backbone.name")
-            fmt = detect_format(sd)
         timm_sd, extras, ignored = CONVERTERS[fmt](sd)
-        load_strict(model, timm_sd, str(ckpt_path))
+        load_strict(model, timm_sd, str(ckpt_path), key=ckpt_key, name=name)
         _check_rel_pos_index(model, sd, str(ckpt_path))
         if ignored:
             log.info("%s: %s checkpoint, ignored keys: %s", ckpt_path, fmt, ", ".join(ignored))
         sha = sha256_file(ckpt_path)
     model.requires_grad_(False)
     model.eval()
-    cfg = resolve_model_data_config(model)
-    cfg["input_size"] = (3, *model.patch_embed.img_size)  # the size the model was built for
+    norm_fmt = fmt if fmt is not None else (None if format == "auto" else format)
+    cfg = _data_config(model, norm_fmt)
     info = BackboneInfo(name=name, checkpoint=str(ckpt_path) if ckpt_path else None, checkpoint_sha256=sha,
                         data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                         format=fmt, extras=extras)
