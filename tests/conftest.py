@@ -64,3 +64,22 @@ def assert_one_line_naming(exc: pytest.ExceptionInfo, *needles: str) -> str:
     for n in needles:
         assert n in msg, f"{n!r} not named in {msg!r}"
     return msg
+
+
+def invoke_cli(*args: str, cwd: Path | None = None):
+    """Run the CLI in this process (typer's CliRunner): exit code, stdout and stderr as the real entry point.
+
+    For tests that call the CLI many times (every shipped recipe), where a fresh interpreter per call would
+    dominate the run time; ``run_cli`` stays the check of the real entry point.
+    """
+    from typer.testing import CliRunner
+
+    from vptool.cli import app
+
+    old = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    finally:
+        os.chdir(old)

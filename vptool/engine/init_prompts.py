@@ -192,7 +192,7 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
     if backbone is None:
         b = recipe.backbone
         seed_everything(recipe.seed)  # a random-weight backbone is rebuilt exactly as train builds it
-        backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs)
+        backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=True)
     plain = PromptedViT(backbone, num_classes=2, prompt_mode="none", readout_pool="avg", readout_norm="none",
                         tune="head").to(device).eval()

@@ -118,7 +118,7 @@ def prepare(recipe: Recipe, device: torch.device | None = None, observer=None, f
     device = device or resolve_device(recipe.train.device)
     b = recipe.backbone
     seed_everything(recipe.seed)  # a backbone without weights (pretrained: false) is then rebuilt identically
-    backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs)
+    backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=train_eval_transform)
     check_num_classes(recipe, len(splits.classes))
     overrides: dict = {}
@@ -140,7 +140,7 @@ def recipe_inputs(recipe: Recipe) -> list[dict]:
     items = []
     if recipe.backbone.checkpoint:
         items.append(("backbone.checkpoint", recipe.backbone.checkpoint))
-    if recipe.data.dataset == "imagefolder" and recipe.data.root:
+    if recipe.data.dataset != "digits" and recipe.data.root:
         items.append(("data.root", recipe.data.root))
     if recipe.prompt.init == "file" and recipe.prompt.init_file:
         items.append(("prompt.init_file", recipe.prompt.init_file))
@@ -151,23 +151,43 @@ def dry_run(recipe: Recipe) -> dict:
     """Check a recipe without training: its inputs, and the model it builds (parameter counts).
 
     Inputs that are not on disk yet (data, checkpoint, prompt file) are reported, not raised: the model is
-    then built from the backbone's architecture with random weights and ``data.num_classes``, so a recipe can
-    be checked before its data arrives. ``ready`` says whether a real run would find every input.
+    then built from the backbone's architecture and ``data.num_classes``, so a recipe can be checked before its
+    data arrives. Without its checkpoint the backbone is built on the ``meta`` device (shapes only, no weights,
+    no memory), which is enough to count parameters. ``ready`` says whether a real run would find every input.
+
+    Data that is on disk is checked: its layout (``vptool.data.check_layout``: every split or index file the
+    reader needs), and for vptool's own readers (imagefolder, cub200, fgvc-json, vtab-1k) the splits themselves
+    (labels, class count, every listed image present). A ``torchvision:<Name>`` set is only layout-checked (its
+    reader loads whole archives); its class count is the dataset's known K.
 
     Raises:
-        UserError: the recipe cannot build a model (bad backbone name or kwargs, unsupported option, ...).
+        UserError: the recipe cannot build a model (bad backbone name or kwargs, unsupported option, ...), or data
+            on disk is incomplete or does not match ``data.num_classes``.
     """
+    from vptool.data import check_layout
+    from vptool.data.catalog import expected_classes
+
     device = resolve_device(recipe.train.device)
     inputs = recipe_inputs(recipe)
     have = {i["key"]: i["exists"] for i in inputs}
     b = recipe.backbone
     seed_everything(recipe.seed)
     if have.get("backbone.checkpoint", True):
-        backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs)
+        backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
     else:
-        backbone, info = build_backbone(b.name, False, None, b.kwargs)
+        with torch.device("meta"):
+            backbone, info = build_backbone(b.name, False, None, b.kwargs, format=b.format)
     num_classes = recipe.data.num_classes
-    if have.get("data.root", True):
+    if recipe.data.dataset != "digits" and have.get("data.root", True):
+        check_layout(recipe.data)
+        if recipe.data.dataset.startswith("torchvision:"):
+            num_classes = expected_classes(recipe.data.dataset, None)
+            check_num_classes(recipe, num_classes)
+        else:
+            splits = build_splits(recipe.data, info.data_config)
+            check_num_classes(recipe, len(splits.classes))
+            num_classes = len(splits.classes)
+    elif recipe.data.dataset == "digits":
         splits = build_splits(recipe.data, info.data_config)
         check_num_classes(recipe, len(splits.classes))
         num_classes = len(splits.classes)
@@ -183,10 +203,13 @@ def dry_run(recipe: Recipe) -> dict:
     else:
         out_note = None
     if not have.get("backbone.checkpoint", True):
-        out["note"] = "checkpoint not read: backbone built from backbone.name with random weights"
+        out["note"] = "checkpoint not read: backbone built from backbone.name on the meta device (shapes only)"
         if recipe.tokens.mask == "pretrained":  # the checkpoint will bring it; a placeholder of the same size
-            overrides["pretrained_mask_token"] = torch.zeros(1, 1, backbone.embed_dim)
-    model = build_model(recipe, backbone, info, num_classes, **overrides)
+            overrides["pretrained_mask_token"] = torch.zeros(1, 1, backbone.embed_dim, device="meta")
+        with torch.device("meta"):
+            model = build_model(recipe, backbone, info, num_classes, **overrides)
+    else:
+        model = build_model(recipe, backbone, info, num_classes, **overrides)
     if out_note:
         out["prompt_init"] = out_note
     out["trainable_params"], out["total_params"] = model.parameter_summary()
