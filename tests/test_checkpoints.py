@@ -586,3 +586,29 @@ def test_checkpoint_wins_over_the_hf_cache(hf_cache, tmp_path):
     model, info = build_backbone(MAE_NAME, pretrained=True, checkpoint=str(path), kwargs=TINY)
     assert info.checkpoint == str(path) and info.format == "mocov3"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in enc.items())
+
+
+def test_train_from_a_mocov3_release_on_an_fgvc_json_layout_records_format_and_normalisation(tmp_path):
+    """The issue's path end to end through the CLI: a MoCo v3 pretraining file (module.base_encoder.*, projector,
+    momentum encoder, predictor) and VPT's FGVC JSON layout; the run records the detected format and the
+    ImageNet mean/std the images were normalised with, and `vptool eval` reproduces the test top-1."""
+    import json
+
+    import layouts
+
+    ckpt = write_mocov3(randomize(vit_layout(), 3), tmp_path / "vit-b-300ep.pth.tar")
+    root = layouts.make_fgvc_json(tmp_path / "data", "cub", n_classes=3, per_class={"train": 6, "val": 2, "test": 3})
+    r = tiny_recipe(tmp_path, backbone={"name": NAME, "checkpoint": str(ckpt), "kwargs": dict(TINY)},
+                    data={"dataset": "fgvc-json", "root": str(root), "task": "cub", "train_transform": "fgvc",
+                          "batch_size": 8},
+                    train={"epochs": 1, "warmup_epochs": 0})
+    proc = run_cli("train", str(write_recipe(tmp_path, r)), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    bb = summary["backbone"]
+    assert bb["format"] == "mocov3" and bb["checkpoint"] == str(ckpt)
+    assert bb["mean"] == pytest.approx(IMAGENET[0]) and bb["std"] == pytest.approx(IMAGENET[1])
+    assert bb["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    ev = run_cli("eval", summary["run_dir"], "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["top1"] == summary["test_top1"]

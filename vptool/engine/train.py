@@ -216,7 +216,8 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, obs: Observer, t_start: float)
         "trainable_params": trainable, "total_params": total, "seconds": round(time.time() - t_start, 3),
         "vptool_version": vptool.__version__, "method": recipe.method, "device": str(device),
         "backbone": {"name": setup.backbone.name, "checkpoint": setup.backbone.checkpoint,
-                     "checkpoint_sha256": setup.backbone.checkpoint_sha256},
+                     "checkpoint_sha256": setup.backbone.checkpoint_sha256, "format": setup.backbone.format,
+                     "mean": setup.backbone.data_config.get("mean"), "std": setup.backbone.data_config.get("std")},
         "run_dir": str(run),
         **method_report(model),
     }
