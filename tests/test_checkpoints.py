@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_naming, run_cli, tiny_recipe, write_recipe
 from safetensors.torch import save_file
+from test_backbones import timm_vit_layout
 
 from vptool.backbones.build import build_backbone
 from vptool.backbones.convert import CONVERTERS, detect_format
@@ -48,22 +49,8 @@ HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def vit_layout(d: int = DIM, depth: int = DEPTH, patch: int = PATCH, n: int = N, prefix: str = "") -> dict:
-    """Key -> shape of the common torch ViT layout (= timm VisionTransformer, no head)."""
-    h = MLP * d
-    shapes = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + n, d),
-              "patch_embed.proj.weight": (d, 3, patch, patch), "patch_embed.proj.bias": (d,)}
-    for i in range(depth):
-        b = f"blocks.{i}."
-        shapes.update({
-            b + "norm1.weight": (d,), b + "norm1.bias": (d,),
-            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
-            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-            b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-            b + "mlp.fc1.weight": (h, d), b + "mlp.fc1.bias": (h,),
-            b + "mlp.fc2.weight": (d, h), b + "mlp.fc2.bias": (d,),
-        })
-    shapes.update({"norm.weight": (d,), "norm.bias": (d,)})
-    return {prefix + k: v for k, v in shapes.items()}
+    """Key -> shape of the common torch ViT layout (= timm VisionTransformer, no head), keys behind ``prefix``."""
+    return {prefix + k: v for k, v in timm_vit_layout(d, depth, patch, n, MLP).items()}
 
 
 def mae_decoder_layout(d: int = DIM, dec: int = DEC) -> dict:
