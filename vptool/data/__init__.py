@@ -19,15 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 from vptool.data.files import FileListDataset, TargetSubset, checked_loader, stratified_holdout
 from vptool.errors import UserError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
 #: ``data.train_transform`` values (see ``build_transforms``).
 TRAIN_TRANSFORMS = ("vtab", "fgvc")
 
 #: the FGVC evaluation resize: shorter side to size * 256 / 224 before the centre crop (VPT's FGVC setting).
 FGVC_RESIZE_RATIO = (256, 224)
-
-_checked_loader = checked_loader  # the name imagefolder and older callers use
 
 __all__ = ["Splits", "build_transforms", "build_splits", "check_layout", "make_loader", "FileListDataset",
            "TargetSubset", "TRAIN_TRANSFORMS"]
@@ -88,7 +84,7 @@ def _image_folder(root: Path, transform):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(root), transform=transform, loader=_checked_loader)
+        return ImageFolder(str(root), transform=transform, loader=checked_loader)
     except FileNotFoundError as exc:
         raise UserError(f"data.root: {root}: {exc}") from None
 
@@ -107,12 +103,10 @@ def _imagefolder_layout(data) -> Path:
         raise UserError(f"data.root: missing; {IMAGEFOLDER_LAYOUT} (set data.root)")
     root = Path(data.root)
     if not root.is_dir():
-        raise UserError(f"data.root: {root} not found; point it at a folder with train/ and test/ "
-                        "subfolders of <class>/ image folders")
+        raise UserError(f"data.root: {root} not found; {IMAGEFOLDER_LAYOUT}")
     for split in ("train", "test"):
         if not (root / split).is_dir():
-            raise UserError(f"data.root: {root / split} not found; imagefolder needs {root}/train/<class>/* "
-                            f"and {root}/test/<class>/* (val/ optional)")
+            raise UserError(f"data.root: {root / split} not found; {IMAGEFOLDER_LAYOUT}")
     return root
 
 
