@@ -7,16 +7,22 @@ from pathlib import Path
 from vptool.errors import UserError
 
 
-def check_new_file(path: str | Path, option: str, suffix: str, overwrite: bool = False) -> Path:
-    """``path`` as a Path, refused (nothing written) when it does not end in ``suffix``, exists without
-    ``overwrite``, or its folder does not exist.
+def check_new_file(path: str | Path, option: str, suffix: str | None, overwrite: bool = False,
+                   folder: bool = False) -> Path:
+    """``path`` as a Path, refused (nothing written) when it does not end in ``suffix`` (None: any), exists
+    without ``overwrite``, is a folder (a file, with ``folder``: the command writes a folder there), or its
+    parent folder does not exist.
 
     Raises:
         UserError: one line naming ``option`` (e.g. ``-o``, ``--save-logits``) and the path.
     """
     p = Path(path)
-    if p.suffix != suffix:
+    if suffix is not None and p.suffix != suffix:
         raise UserError(f"{option}: {p} must end in {suffix}")
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{option}: {p} is a file; this writes a folder, pass a folder path")
+    if not folder and p.is_dir():
+        raise UserError(f"{option}: {p} is a folder; pass a file path")
     if p.exists() and not overwrite:
         raise UserError(f"{option}: {p} already exists; choose another path or pass --overwrite")
     if not p.parent.is_dir():

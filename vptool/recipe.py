@@ -22,6 +22,25 @@ import yaml
 
 from vptool.data.catalog import dataset_problem, expected_classes
 from vptool.errors import RecipeError, UserError
+from vptool.options import (
+    BackboneFormat,
+    GateKind,
+    HeadType,
+    InitForm,
+    InitSource,
+    LrScaling,
+    MaskToken,
+    Optimizer,
+    Precision,
+    PromptInit,
+    PromptMode,
+    ReadoutNorm,
+    ReadoutPool,
+    Temperature,
+    TrainTransform,
+    Tune,
+    VtabSplit,
+)
 from vptool.prompting.layout import order_problem
 
 
@@ -38,7 +57,7 @@ class BackboneConfig:
     pretrained: bool = _f(True, "load the embedded weights / timm's pretrained weights (HF cache, offline)")
     checkpoint: Optional[str] = _f(None, "local weights file loaded strictly: timm state dict (.safetensors/.pth), "
                                          "MAE, MoCo v3, Google JAX .npz or BEiT v2 pretraining release")
-    format: Literal["auto", "timm", "mae", "mocov3", "mocov3-linear", "jax-npz", "beitv2-pretrain"] = _f(
+    format: BackboneFormat = _f(
         "auto", "checkpoint layout: auto (detected from the file's keys) or one of the converters' names")
     kwargs: dict = _f(help="extra timm constructor kwargs, e.g. {img_size: 32, depth: 2}", factory=dict)
 
@@ -55,12 +74,12 @@ class DataConfig:
                                    "(cifar, caltech101, dtd, ...)")
     image_dir: Optional[str] = _f(None, "fgvc-json: folder (relative to root) the JSON image paths are relative to; "
                                         "default per task as in VPT (cub/nabirds images, dogs Images, others root)")
-    vtab_split: Literal["final", "tune"] = _f(
+    vtab_split: VtabSplit = _f(
         "final", "vtab-1k: final (train on train800val200, test on test) | tune (train800, select on val200)")
     split_seed: int = _f(0, "seed of the stratified train/val/test split")
     val_fraction: float = _f(0.1, "fraction of train held out as val where a dataset has no val split "
                                   "(imagefolder without val/, cub200, some torchvision sets)")
-    train_transform: Literal["vtab", "fgvc"] = _f(
+    train_transform: TrainTransform = _f(
         "vtab", "vtab (square resize to the input size, no augmentation) | fgvc (train: random resized crop + "
                 "horizontal flip; eval: resize to 256/224 of the input size, centre crop)")
     num_classes: Optional[int] = _f(None, "K; checked against the data when given (lets --dry-run size the head "
@@ -72,29 +91,29 @@ class DataConfig:
 
 @dataclass
 class PromptConfig:
-    mode: Literal["none", "shallow", "deep", "gated"] = _f(
+    mode: PromptMode = _f(
         "none", "none | shallow (VPT eq. 4-5) | deep (VPT eq. 7) | gated (GateVPT eq. 6-8: shallow + gates)")
     length: int = _f(10, "Np, prompt tokens per set")
-    init: Literal["xavier", "zeros", "file", "kmeans", "mean-pool", "max-pool", "random"] = _f(
+    init: PromptInit = _f(
         "xavier", "xavier (VPT) | zeros (VPTM) | file (an init-prompts output, prompt.init_file) | an SPT strategy "
                   "built when training starts: kmeans | mean-pool | max-pool | random (SPT §3.3-3.4)")
     init_file: Optional[str] = _f(None, "init: file -> safetensors with prompts.shallow / prompts.deep")
     init_fraction: float = _f(1.0, "SPT kmeans: fraction of the training split whose tokens are clustered")
-    init_source: Literal["same", "first", "last"] = _f(
+    init_source: InitSource = _f(
         "same", "SPT: set i from the tokens entering block i+1 (same) | all sets from level 0 (first) | from the "
                 "last block's output (last) (SPT Table S2)")
-    init_form: Literal["paper", "official"] = _f(
+    init_form: InitForm = _f(
         "paper", "SPT: paper (the text) | official (the official code: level 0 without position embedding, "
                  "per-image pooling windows)")
     dropout: float = _f(0.0, "dropout on each prompt set when inserted (train mode only)")
     trainable: bool = _f(True, "false freezes the prompts (head only, SPT Tab. 4a)")
     gate_init: float = _f(5.0, "gated: gate priors start at -gate_init (GateVPT official code; Table 5 per task)")
-    gate: Literal["soft", "hard"] = _f("soft", "gated: soft sigmoid gates | hard (straight-through Gumbel-sigmoid)")
+    gate: GateKind = _f("soft", "gated: soft sigmoid gates | hard (straight-through Gumbel-sigmoid)")
 
 
 @dataclass
 class AttentionConfig:
-    temperature: Literal["fixed", "learnable"] = _f(
+    temperature: Temperature = _f(
         "fixed", "fixed (tau = 1) | learnable (one tau per block, GateVPT eq. 9)")
     temperature_min: float = _f(0.01, "learnable temperature lower clamp (official GateVPT code)")
     temperature_max: float = _f(10.0, "learnable temperature upper clamp (official GateVPT code)")
@@ -102,7 +121,7 @@ class AttentionConfig:
 
 @dataclass
 class TokensConfig:
-    mask: Literal["none", "auto", "pretrained", "learnable"] = _f(
+    mask: MaskToken = _f(
         "none", "[MASK] token (VPTM): none | auto (pretrained if the backbone has one, else learnable) | "
                 "pretrained | learnable")
     order: Optional[str] = _f(None, "token order over C (class), X (patches), P (prompts), M (mask), C first; "
@@ -111,32 +130,32 @@ class TokensConfig:
 
 @dataclass
 class ReadoutConfig:
-    pool: Literal["cls", "avg", "avg_all", "mask"] = _f(
+    pool: ReadoutPool = _f(
         "cls", "cls | avg (patch tokens) | avg_all (every token after CLS, prompts included) | mask (VPTM h[MASK])")
-    norm: Literal["pretrained", "fresh", "none"] = _f(
+    norm: ReadoutNorm = _f(
         "pretrained", "pretrained (backbone's final norm) | fresh (new LayerNorm, MAE fc_norm) | none")
 
 
 @dataclass
 class HeadConfig:
-    type: Literal["linear", "verbalizer", "mlp1", "mlp2"] = _f(
+    type: HeadType = _f(
         "linear", "linear | verbalizer (VPTM eq. 7-9) | mlp1 | mlp2 (VPTM Table 4 baselines)")
     dim: int = _f(128, "verbalizer prototype width t (VPTM default 128) or the mlp2 hidden width")
 
 
 @dataclass
 class TrainConfig:
-    tune: Literal["prompts", "head", "all"] = _f(
+    tune: Tune = _f(
         "prompts", "prompts (+head) | head (linear probe) | all (full fine-tune)")
     epochs: int = _f(20, "training epochs")
-    optimizer: Literal["sgd", "adamw"] = _f("sgd", "sgd (momentum) or adamw")
+    optimizer: Optimizer = _f("sgd", "sgd (momentum) or adamw")
     lr: float = _f(0.1, "base learning rate")
-    lr_scaling: Literal["none", "linear"] = _f("none", "linear: lr = base lr * batch_size / 256")
+    lr_scaling: LrScaling = _f("none", "linear: lr = base lr * batch_size / 256")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay")
     warmup_epochs: int = _f(0, "linear warmup epochs, then cosine decay")
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
-    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    precision: Precision = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
     compile: bool = _f(False, "torch.compile the prompted model")
 
 
@@ -172,12 +191,18 @@ class Preset:
     name: str
     description: str
     defaults: dict
+    paper: str = ""  # the method's source, as the model card cites it
 
 
 PRESETS: dict[str, Preset] = {}
 
+VPT_PAPER = "Jia et al., Visual Prompt Tuning, ECCV 2022"
+GATEVPT_PAPER = "Yoo et al., Improving Visual Prompt Tuning for Self-supervised Vision Transformers, ICML 2023"
+SPT_PAPER = "Wang et al., Revisiting the Power of Prompt for Visual Tuning (SPT), ICML 2024"
+VPTM_PAPER = "Visual Prompting via Masked Visual Token Modeling (VPTM)"
 
-def register_preset(name: str, description: str, defaults: dict) -> Preset:
+
+def register_preset(name: str, description: str, defaults: dict, paper: str = "") -> Preset:
     """Register a method preset (a point in the option space). Rejects a name that is already taken.
 
     Raises:
@@ -185,44 +210,47 @@ def register_preset(name: str, description: str, defaults: dict) -> Preset:
     """
     if name in PRESETS:
         raise ValueError(f"method preset {name!r} is registered already ({PRESETS[name].description})")
-    PRESETS[name] = Preset(name, description, copy.deepcopy(defaults))
+    PRESETS[name] = Preset(name, description, copy.deepcopy(defaults), paper)
     return PRESETS[name]
 
 
 register_preset("linear", "linear probe: frozen backbone, train the head only",
-                {"prompt": {"mode": "none"}, "train": {"tune": "head", "optimizer": "sgd"}})
+                {"prompt": {"mode": "none"}, "train": {"tune": "head", "optimizer": "sgd"}},
+                "linear probe of a frozen backbone (baseline in VPT, Jia et al. 2022, Table 1)")
 register_preset("full", "full fine-tune: every backbone tensor and the head (AdamW)",
                 {"prompt": {"mode": "none"},
                  "train": {"tune": "all", "optimizer": "adamw", "lr": 1e-3, "lr_scaling": "linear",
-                           "weight_decay": 1e-4}})
+                           "weight_decay": 1e-4}},
+                "full fine-tuning (baseline in VPT, Jia et al. 2022, Table 1)")
 register_preset("vpt-shallow", "VPT-shallow (Jia et al. 2022, eq. 4-5): Np prompts before block 1",
                 {"prompt": {"mode": "shallow", "length": 10, "init": "xavier", "dropout": 0.0},
-                 "train": {"tune": "prompts", "optimizer": "sgd"}})
+                 "train": {"tune": "prompts", "optimizer": "sgd"}}, VPT_PAPER)
 register_preset("vpt-deep", "VPT-deep (Jia et al. 2022, eq. 7): a prompt set before every block",
                 {"prompt": {"mode": "deep", "length": 10, "init": "xavier", "dropout": 0.1},
-                 "train": {"tune": "prompts", "optimizer": "sgd"}})
+                 "train": {"tune": "prompts", "optimizer": "sgd"}}, VPT_PAPER)
 _SPT_TRAIN = {"data": {"batch_size": 32},  # SPT §4.1; lr and weight decay: the official code's defaults
               "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.05,
                         "warmup_epochs": 10, "epochs": 100}}
 register_preset("spt-shallow", "SPT-shallow (Wang et al. 2024, eq. 9-12): 100 shallow prompts from k-means "
                                "token prototypes (AdamW)",
-                {"prompt": {"mode": "shallow", "length": 100, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN})
+                {"prompt": {"mode": "shallow", "length": 100, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN},
+                SPT_PAPER)
 register_preset("spt-deep", "SPT-deep (Wang et al. 2024, eq. 9-10, 13): 20 prompts per block from k-means "
                             "token prototypes of that block's input (AdamW)",
-                {"prompt": {"mode": "deep", "length": 20, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN})
+                {"prompt": {"mode": "deep", "length": 20, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN}, SPT_PAPER)
 register_preset("gatevpt", "GateVPT (Yoo et al. 2023, eq. 6-9): gated shallow prompts + learnable temperature",
                 {"prompt": {"mode": "gated", "length": 100, "init": "xavier", "dropout": 0.1, "gate_init": 5.0,
                             "gate": "soft"},
                  "attention": {"temperature": "learnable"},
                  "readout": {"pool": "avg_all", "norm": "pretrained"},
-                 "train": {"tune": "prompts", "optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0}})
+                 "train": {"tune": "prompts", "optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0}}, GATEVPT_PAPER)
 register_preset("vptm", "VPTM (§4, eq. 6-9): [MASK] token + zero-init shallow prompts + prototypical verbalizer",
                 {"prompt": {"mode": "shallow", "length": 20, "init": "zeros", "dropout": 0.0},
                  "tokens": {"mask": "auto", "order": "CXPM"},
                  "readout": {"pool": "mask", "norm": "pretrained"},
                  "head": {"type": "verbalizer", "dim": 128},
                  "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01,
-                           "warmup_epochs": 5}})
+                           "warmup_epochs": 5}}, VPTM_PAPER)
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -460,6 +488,46 @@ def resolve(raw: dict, overrides: dict | None = None, source: str | None = None)
     if isinstance(method, str) and method in PRESETS:
         merged = deep_merge(PRESETS[method].defaults, merged)
     return validate(merged, source=source)
+
+
+def drop_unknown_keys(raw: dict, cls=None, prefix: str = "") -> tuple[dict, list[str]]:
+    """``raw`` without the keys the schema does not know (recursively), and their dotted paths.
+
+    For reading what vptool itself saved (``recipe.yaml``, an adapter's recipe): a file written by another
+    vptool version may hold keys this one does not know; they are dropped with a warning, not refused
+    (STYLE.md: saved artifacts are read leniently).
+    """
+    cls = cls or Recipe
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out, dropped = {}, []
+    for key, value in raw.items():
+        if key not in names:
+            dropped.append(f"{prefix}{key}")
+            continue
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value, more = drop_unknown_keys(value, hints[key], f"{prefix}{key}.")
+            dropped.extend(more)
+        out[key] = value
+    return out, dropped
+
+
+def resolve_saved(raw: dict, source: str) -> Recipe:
+    """A recipe vptool saved (every default filled in), read leniently: unknown keys are logged as a warning
+    and ignored; everything else is validated as ``resolve`` does.
+
+    Raises:
+        RecipeError: a known key with a bad value, or a mapping that is not a recipe.
+    """
+    import logging
+
+    if not isinstance(raw, dict):
+        raise RecipeError([f"recipe: expected a mapping of keys, got {type(raw).__name__}"], source=source)
+    raw, dropped = drop_unknown_keys(raw)
+    if dropped:
+        logging.getLogger(__name__).warning("%s: ignoring keys this vptool version does not know: %s", source,
+                                            ", ".join(dropped))
+    return resolve(raw, source=source)
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vptool.data.files import FileListDataset, TargetSubset, checked_loader, stratified_holdout
 from vptool.errors import UserError
+from vptool.options import TrainTransform, choices
 
 #: ``data.train_transform`` values (see ``build_transforms``).
-TRAIN_TRANSFORMS = ("vtab", "fgvc")
+TRAIN_TRANSFORMS = choices(TrainTransform)
 
 #: the FGVC evaluation resize: shorter side to size * 256 / 224 before the centre crop (VPT's FGVC setting).
 FGVC_RESIZE_RATIO = (256, 224)

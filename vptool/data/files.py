@@ -18,8 +18,27 @@ from torch.utils.data import Dataset, Subset
 from vptool.errors import UserError
 
 
+def to_rgb(img):
+    """A PIL image of any mode as 8-bit RGB.
+
+    Grayscale, palette, RGBA (alpha dropped, as torchvision's loader does) and CMYK go through PIL's own
+    ``convert("RGB")``. 16-bit grayscale (``I;16*``, and ``I`` read as 16-bit) is scaled by 255 / 65535 first:
+    PIL's own conversion would clip every value above 255 to white. Float images (``F``) are taken as [0, 1].
+    """
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode L
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64) * 255.0
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode L
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def checked_loader(path: str | Path):
-    """PIL loader (RGB) that names the file when an image is corrupt or unreadable.
+    """PIL loader (RGB, see ``to_rgb``) that names the file when an image is corrupt or unreadable.
 
     Raises:
         UserError: the file cannot be opened or decoded as an image.
@@ -29,10 +48,14 @@ def checked_loader(path: str | Path):
     try:
         with open(path, "rb") as fh:
             img = Image.open(fh)
-            return img.convert("RGB")
+            img.load()
+            return to_rgb(img)
     except Exception as exc:
-        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: {exc}); remove or replace the file") \
-            from None
+        from PIL import UnidentifiedImageError
+
+        why = "not an image format PIL can decode" if isinstance(exc, UnidentifiedImageError) else \
+            f"{type(exc).__name__}: {exc}"
+        raise UserError(f"{path}: cannot read image ({why}); remove or replace the file") from None
 
 
 class FileListDataset(Dataset):

@@ -1,0 +1,48 @@
+"""The option space's choices, one ``Literal`` table per option (no torch).
+
+The recipe schema (``vptool.recipe``) and the library (``vptool.prompting.model.PromptedViT``,
+``vptool.from_preset``) validate against the same tables, so a value the recipe refuses is refused in Python
+too, with the same allowed values named (DESIGN.md §1; STYLE.md: ``str`` choices, checked where they enter).
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+PromptMode = Literal["none", "shallow", "deep", "gated"]
+PromptInit = Literal["xavier", "zeros", "file", "kmeans", "mean-pool", "max-pool", "random"]
+InitSource = Literal["same", "first", "last"]
+InitForm = Literal["paper", "official"]
+GateKind = Literal["soft", "hard"]
+Temperature = Literal["fixed", "learnable"]
+MaskToken = Literal["none", "auto", "pretrained", "learnable"]
+ReadoutPool = Literal["cls", "avg", "avg_all", "mask"]
+ReadoutNorm = Literal["pretrained", "fresh", "none"]
+HeadType = Literal["linear", "verbalizer", "mlp1", "mlp2"]
+Tune = Literal["prompts", "head", "all"]
+DeepForm = Literal["prefix", "concat"]
+TrainTransform = Literal["vtab", "fgvc"]
+Optimizer = Literal["sgd", "adamw"]
+LrScaling = Literal["none", "linear"]
+Precision = Literal["auto", "fp32", "bf16"]
+BackboneFormat = Literal["auto", "timm", "mae", "mocov3", "mocov3-linear", "jax-npz", "beitv2-pretrain"]
+VtabSplit = Literal["final", "tune"]
+
+
+def choices(table) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` table, in their documented order."""
+    return typing.get_args(table)
+
+
+def check_choice(name: str, value, table) -> str:
+    """``value`` when it is one of ``table``'s values.
+
+    Raises:
+        ValueError: one line naming the option, the bad value and every allowed value, e.g.
+            ``readout_pool='mean' is not one of 'cls', 'avg', 'avg_all', 'mask'``.
+    """
+    allowed = choices(table)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+    return value
