@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from vptool.data import make_loader
-from vptool.engine.setup import Setup, autocast, prepare, resolve_device
+from vptool.engine.setup import Setup, autocast, autocast_dtype, resolve_device
 from vptool.errors import UserError
-from vptool.recipe import Recipe, read_yaml, resolve
+from vptool.recipe import Recipe, read_yaml, resolve_saved
 
 log = logging.getLogger(__name__)
 
@@ -73,34 +73,31 @@ def eval_loader(setup: Setup, recipe: Recipe, split: str) -> DataLoader:
 
 def load_run(run_dir: str | Path, device: str | None = None, train_eval_transform: bool = False
              ) -> tuple[Recipe, Setup]:
-    """Rebuild a trained model from a run directory (``recipe.yaml`` + ``adapter.safetensors``).
+    """Rebuild a trained model from a run directory (``vptool.adapter.load``: ``adapter_config.json`` +
+    ``adapter.safetensors`` + the backbone, sha256-checked) and its data splits (``recipe.yaml``'s ``data``).
 
     ``train_eval_transform``: the training split uses the deterministic eval transform (analysis of train).
 
     Raises:
-        UserError: not a run directory, or its files do not match each other.
+        UserError: not a run directory, its files do not match each other, a backbone checkpoint that is
+            missing or has another sha256, or data that is not on disk.
     """
+    from vptool.adapter import load_with_info
+    from vptool.data import build_splits
+
     run = Path(run_dir)
     if run.is_file() and run.suffix in (".yaml", ".yml"):
         raise UserError(f"{run}: is a recipe; eval takes the run directory `vptool train {run}` writes "
                         "(e.g. runs/quickstart)")
     if not run.is_dir():
         raise UserError(f"{run}: run directory not found; pass the folder `vptool train` wrote (e.g. runs/quickstart)")
-    for name in ("recipe.yaml", "adapter.safetensors"):
-        if not (run / name).is_file():
-            raise UserError(f"{run}: no {name}; is this a finished vptool run directory?")
-    recipe = resolve(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
+    if not (run / "recipe.yaml").is_file():
+        raise UserError(f"{run}: no recipe.yaml; is this a finished vptool run directory?")
+    recipe = resolve_saved(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
     dev = resolve_device(device or recipe.train.device)
-    # the adapter brings the prompts: no init file, no k-means
-    setup = prepare(recipe, dev, for_adapter=True, train_eval_transform=train_eval_transform)
-    setup.model.load_adapter(str(run / "adapter.safetensors"))
-    summary = run / "summary.json"
-    if summary.is_file():
-        want = json.loads(summary.read_text()).get("backbone", {}).get("checkpoint_sha256")
-        if want and setup.backbone.checkpoint_sha256 and want != setup.backbone.checkpoint_sha256:
-            log.warning("backbone checkpoint differs from the one the run was trained with (sha256 %s vs %s)",
-                        setup.backbone.checkpoint_sha256[:12], want[:12])
-    return recipe, setup
+    model, info, _ = load_with_info(run, dev)
+    splits = build_splits(recipe.data, info.data_config, train_eval_transform=train_eval_transform)
+    return recipe, Setup(model, splits, info, dev, autocast_dtype(recipe.train.precision, dev))
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vptool.adapter import backbone_record
 from vptool.backbones.build import BackboneInfo, build_backbone
 from vptool.data import Splits, build_splits
 from vptool.errors import UserError
@@ -17,20 +18,27 @@ from vptool.prompting.model import PromptedViT
 from vptool.recipe import Recipe
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str | torch.device, key: str = "train.device") -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``.
 
     Raises:
-        UserError: CUDA was asked for but is not available.
+        UserError: an unknown device, or CUDA asked for but not available (one line naming ``key``).
     """
+    if isinstance(spec, torch.device):
+        spec = str(spec)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{key}: {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"train.device: {spec!r} but no CUDA device is available; use auto or cpu")
+            raise UserError(f"{key}: {spec!r} but no CUDA device is available; use auto or cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"train.device: {spec!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise UserError(f"{key}: {spec!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise UserError(f"{key}: {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -67,20 +75,30 @@ class Setup:
     prompt_init: tuple[str, torch.Tensor, dict] | None = None  # (name, tensor, metadata) built by an SPT strategy
 
 
-def model_kwargs(recipe: Recipe) -> dict:
-    """``PromptedViT`` keyword arguments for a recipe (everything but backbone, K and the RNG)."""
-    p, a = recipe.prompt, recipe.attention
-    return dict(prompt_mode=p.mode, prompt_length=p.length, prompt_init=p.init, prompt_file=p.init_file,
-                prompt_dropout=p.dropout, prompt_trainable=p.trainable, readout_pool=recipe.readout.pool,
-                readout_norm=recipe.readout.norm, tune=recipe.train.tune, gate_init=p.gate_init, gate_kind=p.gate,
-                temperature=a.temperature, temperature_range=(a.temperature_min, a.temperature_max),
-                mask_token=recipe.tokens.mask, token_order=recipe.tokens.order, head=recipe.head.type,
-                head_dim=recipe.head.dim)
+#: ``PromptedViT`` keyword -> the recipe key that sets it (``attention.temperature_min/max`` give the range).
+MODEL_KEYS = {
+    "prompt_mode": ("prompt", "mode"), "prompt_length": ("prompt", "length"), "prompt_init": ("prompt", "init"),
+    "prompt_file": ("prompt", "init_file"), "prompt_dropout": ("prompt", "dropout"),
+    "prompt_trainable": ("prompt", "trainable"), "gate_init": ("prompt", "gate_init"),
+    "gate_kind": ("prompt", "gate"), "readout_pool": ("readout", "pool"), "readout_norm": ("readout", "norm"),
+    "tune": ("train", "tune"), "temperature": ("attention", "temperature"), "mask_token": ("tokens", "mask"),
+    "token_order": ("tokens", "order"), "head": ("head", "type"), "head_dim": ("head", "dim"),
+}
+
+
+def model_kwargs(recipe: Recipe | dict) -> dict:
+    """``PromptedViT`` keyword arguments for a recipe or a recipe-shaped mapping (everything but backbone, K
+    and the RNG)."""
+    d = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
+    kw = {name: d[section][key] for name, (section, key) in MODEL_KEYS.items()}
+    kw["temperature_range"] = (d["attention"]["temperature_min"], d["attention"]["temperature_max"])
+    return kw
 
 
 def build_model(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo, num_classes: int,
                 **overrides) -> PromptedViT:
-    """The prompted model for ``recipe`` on ``backbone``, seeded by ``recipe.seed``.
+    """The prompted model for ``recipe`` on ``backbone``, seeded by ``recipe.seed``, carrying what inference and
+    ``save_pretrained`` need: the backbone's data config, the evaluation transform, the backbone's record.
 
     Raises:
         UserError: an option the backbone cannot support.
@@ -88,7 +106,13 @@ def build_model(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo, n
     seed_everything(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     kw = {**model_kwargs(recipe), "pretrained_mask_token": info.extras.get("mask_token"), **overrides}
-    return PromptedViT(backbone, num_classes=num_classes, generator=g, **kw)
+    model = PromptedViT(backbone, num_classes=num_classes, generator=g, **kw)
+    model.set_data_config(info.data_config, recipe.data.train_transform)
+    b = recipe.backbone
+    model.backbone_config = backbone_record(b.name, b.pretrained, b.checkpoint, b.format, b.kwargs, recipe.seed, info)
+    model.adapter_info = {"method": recipe.method, "dataset": recipe.data.dataset, "task": recipe.data.task,
+                          "recipe": recipe.to_dict()}
+    return model
 
 
 def check_num_classes(recipe: Recipe, found: int) -> None:
@@ -131,6 +155,7 @@ def prepare(recipe: Recipe, device: torch.device | None = None, observer=None, f
     elif recipe.prompt.init == "file" and recipe.prompt.mode != "none":
         check_prompt_file_backbone(recipe.prompt.init_file, info, backbone.embed_dim, len(backbone.blocks))
     model = build_model(recipe, backbone, info, len(splits.classes), **overrides)
+    model.class_names = list(splits.classes)
     model.to(device)
     return Setup(model, splits, info, device, autocast_dtype(recipe.train.precision, device), built)
 

@@ -10,7 +10,7 @@ Run directory contract (stable; other tools read it):
   for gated prompts ``gates`` and ``selection_ratio`` (GateVPT eq. 10-11), with a learnable temperature
   ``temperature`` (L values), with a [MASK] token ``mask_token``: ``pretrained`` or ``learned``.
 - ``adapter.safetensors`` + ``adapter_config.json``: the best-validation trainable tensors (never the frozen
-  backbone) and the config needed to rebuild the model.
+  backbone) and the config that rebuilds the model without the dataset (``vptool.adapter``; ``vptool.load``).
 - ``prompt_init.safetensors``: with an SPT strategy as ``prompt.init``, the prompts the run started from
   (init-prompts format, reusable with ``prompt.init: file``).
 - ``checkpoints/last.pt``: model adapter, optimizer, scheduler, epoch and RNG states after the last epoch.
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import vptool
+from vptool.adapter import CONFIG_NAME, write_config
 from vptool.data import make_loader
 from vptool.engine.evaluate import eval_loader, method_report, predict, topk_accuracy
 from vptool.engine.setup import Setup, autocast, prepare
@@ -221,12 +222,8 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, obs: Observer, t_start: float)
         "run_dir": str(run),
         **method_report(model),
     }
-    adapter_config = {
-        "vptool_version": vptool.__version__, "method": recipe.method, "classes": splits.classes,
-        "tensors": {k: list(v.shape) for k, v in best_state.items()}, "backbone": summary["backbone"],
-        "data_config": setup.backbone.data_config, "recipe": recipe.to_dict(),
-    }
-    (run / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    model.adapter_info["metrics"] = {k: summary[k] for k in ("best_epoch", "val_acc", "test_top1", "test_top5")}
+    write_config(model, run / CONFIG_NAME)
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     obs.run_end(summary)
     return summary

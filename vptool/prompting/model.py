@@ -43,12 +43,29 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from vptool.errors import UserError
+from vptool.options import (
+    DeepForm,
+    GateKind,
+    HeadType,
+    MaskToken,
+    PromptInit,
+    PromptMode,
+    ReadoutNorm,
+    ReadoutPool,
+    Temperature,
+    TrainTransform,
+    Tune,
+    check_choice,
+)
 from vptool.prompting.attention import block_forward, block_rel_pos_bias
 from vptool.prompting.heads import build_head
 from vptool.prompting.init import init_prompts, load_prompt_file
 from vptool.prompting.layout import default_order, order_problem
 
-PROMPT_MODES = ("none", "shallow", "deep", "gated")
+#: the constructor options that are choices, and their tables (shared with the recipe schema).
+CHOICE_OPTIONS = {"prompt_mode": PromptMode, "prompt_init": PromptInit, "readout_pool": ReadoutPool,
+                  "readout_norm": ReadoutNorm, "tune": Tune, "deep_form": DeepForm, "gate_kind": GateKind,
+                  "temperature": Temperature, "mask_token": MaskToken, "head": HeadType}
 
 
 class PromptTokens(nn.Module):
@@ -84,8 +101,7 @@ class PromptGates(nn.Module):
 
     def __init__(self, num_gates: int, gate_init: float = 5.0, kind: str = "soft"):
         super().__init__()
-        if kind not in ("soft", "hard"):
-            raise ValueError(f"gate kind {kind!r}")
+        check_choice("gate_kind", kind, GateKind)
         self.kind = kind
         self.logit = nn.Parameter(torch.full((num_gates,), -float(gate_init)))
 
@@ -138,12 +154,24 @@ class PromptedViT(nn.Module):
         head: ``linear``, ``verbalizer``, ``mlp1`` or ``mlp2``.
         head_dim: t (verbalizer prototype width) or the ``mlp2`` hidden width.
 
+    Attributes:
+        options: the validated options above that rebuild this model (``adapter_config.json`` "model").
+        class_names: the K class names (index = label), or None; set by vptool's builders (``vptool.load``,
+            ``from_preset``, training).
+        eval_transform: ``vtab`` or ``fgvc``: the evaluation transform ``predict`` applies (``set_data_config``).
+        data_config: input size, mean and std in timm's form (also ``pretrained_cfg``, so
+            ``timm.data.resolve_model_data_config(model)`` gives them).
+        backbone_config: how to rebuild the backbone (name, kwargs, checkpoint, sha256, seed), or None for a
+            backbone vptool did not build.
+        adapter_info: provenance for ``save_pretrained``'s model card (method, dataset, metrics, recipe).
+
     Input Shape:
         (B, 3, H, W) images normalised with the backbone's data config.
     Output Shape:
         (B, K) logits.
 
     Raises:
+        ValueError: an option outside its allowed values (``vptool.options``; the message names them all).
         UserError: an option the backbone cannot support (``cls`` readout without a class token, a pretrained
             [MASK] token the backbone does not have, an invalid token order).
     """
@@ -158,10 +186,11 @@ class PromptedViT(nn.Module):
                  pretrained_mask_token: torch.Tensor | None = None, token_order: str | None = None,
                  head: str = "linear", head_dim: int = 128):
         super().__init__()
-        if prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"prompt_mode {prompt_mode!r}")
-        if deep_form not in ("prefix", "concat"):
-            raise ValueError(f"deep_form {deep_form!r}")
+        given = dict(prompt_mode=prompt_mode, prompt_init=prompt_init, readout_pool=readout_pool,
+                     readout_norm=readout_norm, tune=tune, deep_form=deep_form, gate_kind=gate_kind,
+                     temperature=temperature, mask_token=mask_token, head=head)
+        for name, value in given.items():
+            check_choice(name, value, CHOICE_OPTIONS[name])
         if readout_pool == "cls" and getattr(backbone, "cls_token", None) is None:
             raise UserError("readout.pool: 'cls' needs a backbone with a class token; use avg")
         self.backbone = backbone
@@ -248,6 +277,18 @@ class PromptedViT(nn.Module):
         if isinstance(self.mask_token, nn.Parameter):
             self.mask_token.requires_grad_(adapt)
         self.backbone.eval()
+
+        # ---- what rebuilds this model (adapter_config.json "model"), and what inference needs to know
+        self.options = {**given, "prompt_length": int(prompt_length), "prompt_dropout": float(prompt_dropout),
+                        "prompt_trainable": bool(prompt_trainable), "gate_init": float(gate_init),
+                        "temperature_range": list(self.temperature_range), "token_order": self.order,
+                        "head_dim": int(head_dim)}
+        self.num_classes = num_classes
+        self.class_names: list[str] | None = None  # K names, index = label (set by vptool's builders)
+        self.eval_transform = "vtab"  # the protocol whose evaluation transform predict() uses (data.train_transform)
+        self.backbone_config: dict | None = None  # how to rebuild the backbone (set by vptool's builders)
+        self.adapter_info: dict = {}  # provenance for the model card: method, dataset, metrics, recipe
+        self._data_config = _backbone_data_config(backbone)
 
     def _check_order(self, order: str | None) -> str:
         has_prompts, has_mask = self.prompts is not None, self.mask_source is not None
@@ -528,6 +569,80 @@ class PromptedViT(nn.Module):
             raise UserError(f"{path}: cannot read adapter ({exc})") from None
         self.load_adapter_state_dict(sd, source=path)
 
+    # ------------------------------------------------------------------------------------------- library face
+    def set_data_config(self, data_config: dict, eval_transform: str = "vtab") -> None:
+        """Record the input size and normalisation the backbone expects (``input_size``, ``mean``, ``std``) and
+        the protocol (``vtab`` | ``fgvc``, ``data.train_transform``) whose evaluation transform images get.
+
+        Raises:
+            ValueError: an unknown ``eval_transform``.
+        """
+        self.eval_transform = check_choice("eval_transform", eval_transform, TrainTransform)
+        self._data_config = {"input_size": tuple(int(v) for v in data_config["input_size"]),
+                             "mean": tuple(float(v) for v in data_config["mean"]),
+                             "std": tuple(float(v) for v in data_config["std"])}
+
+    @property
+    def data_config(self) -> dict:
+        """The preprocessing this model expects, in timm's ``resolve_model_data_config`` form: ``input_size``
+        (3, H, W) in pixels, ``mean``/``std`` per channel (of [0, 1] pixel values), ``interpolation``
+        (``bilinear``, the resize vptool's transforms use), ``crop_pct`` and ``crop_mode`` (``vtab``: a square
+        resize = ``squash`` at 1.0; ``fgvc``: resize to 256/224 of the size, then a centre crop = 0.875)."""
+        fgvc = self.eval_transform == "fgvc"
+        return {**self._data_config, "interpolation": "bilinear", "crop_pct": 224 / 256 if fgvc else 1.0,
+                "crop_mode": "center" if fgvc else "squash"}
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's name for the model's config: ``data_config`` plus ``num_classes`` and ``label_names``, so
+        ``timm.data.resolve_model_data_config(model)`` gives this model's real input size, mean and std."""
+        return {**self.data_config, "num_classes": self.num_classes, "label_names": self.class_names}
+
+    def predict(self, images, top_k: int = 5, batch_size: int = 64) -> list[dict]:
+        """Classify images through this model's own evaluation transform (``data_config``, ``eval_transform``).
+
+        Args:
+            images: a path, a PIL image, a (3, H, W) or (B, 3, H, W) float tensor of pixel values in [0, 1]
+                (uint8 tensors are scaled by 1/255), or a list of paths / PIL images / (3, H, W) tensors. Any
+                PIL mode is converted to RGB (grayscale, palette, RGBA, 16-bit).
+            top_k: classes per image (capped at K).
+            batch_size: images per forward pass.
+
+        Returns:
+            One dict per image, in input order: ``{"classes": [k class names], "probs": [k softmax
+            probabilities]}``, most probable first.
+
+        Raises:
+            UserError: an image file that cannot be read (named).
+            ValueError: ``top_k`` or ``batch_size`` below 1.
+        """
+        from vptool.inference import predict_images
+
+        return predict_images(self, images, top_k=top_k, batch_size=batch_size)
+
+    def save_pretrained(self, directory) -> None:
+        """Write an adapter folder: ``adapter.safetensors`` (the trained tensors only, never the frozen
+        backbone), ``adapter_config.json`` (how to rebuild the model: options, backbone name, checkpoint and
+        sha256, class names, data config) and a ``README.md`` model card. See ``vptool.adapter``.
+
+        Raises:
+            ValueError: the model was built around a backbone vptool did not build (nothing to name it by).
+        """
+        from vptool.adapter import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, backbone_checkpoint=None, device=None) -> PromptedViT:
+        """Rebuild a model from an adapter folder or a run directory (``vptool.load``).
+
+        Raises:
+            UserError: not an adapter folder, a missing backbone checkpoint or one with another sha256.
+        """
+        from vptool.adapter import load
+
+        return load(directory, device=device, backbone_checkpoint=backbone_checkpoint)
+
     # ------------------------------------------------------------------------------------------- summary
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates (``requires_grad``), in a fixed order."""
@@ -538,6 +653,16 @@ class PromptedViT(nn.Module):
         trainable = sum(p.numel() for p in self.trainable_parameters())
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
+
+
+def _backbone_data_config(backbone: nn.Module) -> dict:
+    """``input_size`` (the size the backbone was built for), ``mean`` and ``std`` from timm's data config of the
+    backbone. ``vptool.backbones.build_backbone``'s ``info.data_config`` is more exact (it knows the checkpoint
+    format's normalisation); vptool's builders pass that one through ``set_data_config``."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(backbone)
+    return {"input_size": (3, *backbone.patch_embed.img_size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
 
 def format_parameter_summary(trainable: int, total: int) -> str:
