@@ -50,11 +50,12 @@ def write_recipe(tmp_path: Path, recipe: dict, name: str = "tiny.yaml") -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m vptool ARGS`` in a fresh process (the real entry point, exit codes and streams)."""
+def run_cli(*args: str, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m vptool ARGS`` in a fresh process (the real entry point, exit codes and streams), with
+    ``input`` on stdin."""
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "vptool", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+                          cwd=cwd, env=env, timeout=600, input=input)
 
 
 def assert_one_line_naming(exc: pytest.ExceptionInfo, *needles: str) -> str:
@@ -83,3 +84,39 @@ def invoke_cli(*args: str, cwd: Path | None = None):
         return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
     finally:
         os.chdir(old)
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+#: epochs of the shared quickstart runs: enough for the digits to be learnt (warm-up is 2 epochs), short for CI.
+QUICKSTART_EPOCHS = 3
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """``quickstart_run(stem)`` trains ``recipes/<stem>.yaml`` once per session (``QUICKSTART_EPOCHS`` epochs, in
+    this process) and returns its run directory; the export and predict tests share these runs."""
+    runs: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("quickstart")
+
+    def get(stem: str) -> Path:
+        if stem not in runs:
+            res = invoke_cli("train", str(RECIPES / f"{stem}.yaml"), "--set", f"train.epochs={QUICKSTART_EPOCHS}",
+                             "--set", f"output.dir={root}", "--json")
+            assert res.exit_code == 0, res.output
+            runs[stem] = root / stem
+        return runs[stem]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory) -> Path:
+    """An adapter folder of an untrained tiny VPT-deep model (random-init ViT, 3 classes), for tests of the
+    commands' input handling: built in a second, no training."""
+    import vptool
+
+    model = vptool.from_preset("vpt-deep", TINY_NAME, 3, class_names=["cat", "dog", "emu"], pretrained=False,
+                               backbone_kwargs=dict(TINY_KWARGS), prompt_length=2)
+    out = tmp_path_factory.mktemp("tiny_adapter") / "tiny"
+    model.save_pretrained(out)
+    return out

@@ -80,6 +80,12 @@ def cli_errors(fn):
             _fail(str(exc), 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except BrokenPipeError:  # the reader went away (`vptool predict ... | head`): stop quietly, as cat does
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as exc:  # a bug or an environment failure: exit 1, short message
             if debug:
                 raise
@@ -426,6 +432,99 @@ def eval_(
         if "mask_token" in result:
             print(f"[MASK] token: {result['mask_token']}")
         print("-> " + ", ".join(result["outputs"].values()))
+
+
+SourceArg = Annotated[Path, typer.Argument(help="Run directory (runs/NAME) or adapter folder (export --format "
+                                           "adapter).", show_default=False)]
+BackboneOpt = Annotated[Optional[Path], typer.Option(
+    "--backbone-checkpoint", help="The backbone checkpoint, when it has moved since training (its sha256 must "
+                                  "match the one recorded).", show_default=False)]
+
+
+@app.command(epilog="Examples:\n\n  vptool export runs/quickstart --format onnx -o quickstart.onnx\n\n"
+             "  vptool export runs/quickstart --format adapter -o adapters/quickstart\n\n"
+             "  vptool export runs/quickstart --format pt2 -o quickstart.pt2 --json | jq .max_abs_diff")
+@cli_errors
+def export(
+    source: SourceArg,
+    format: Annotated[str, typer.Option("--format", "-f", help="adapter (folder: adapter.safetensors, "
+                                        "adapter_config.json, README.md model card) | onnx | pt2 (torch.export) | "
+                                        "torchscript.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (adapter) or file (.onnx, .pt2, "
+                                         ".pt).", show_default=False)],
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only once the new "
+                                            "one is verified).")] = False,
+    backbone_checkpoint: BackboneOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Export a trained adapter: a portable folder, or the whole prompted model as one graph.
+
+    onnx / pt2 / torchscript hold the frozen backbone, prompts, extra tokens, readout and head; input
+    pixel_values (B, 3, H, W) with a dynamic batch, output logits (B, K). Each graph is run on a batch of the
+    run's own images and must match PyTorch (max |diff logits| <= 1e-4, same argmax), else it is removed and
+    the command exits 1.
+    """
+    from vptool.export import export as run_export
+
+    report = run_export(source, format, output, opset=opset, overwrite=overwrite,
+                        backbone_checkpoint=backbone_checkpoint)
+    if json_out:
+        print(json.dumps(report))
+        return
+    line = f"{report['format']}: {report['output']} ({report['bytes'] / 1e6:.2f} MB, {report['classes']} classes)"
+    if "max_abs_diff" in report:
+        line += (f"; checked on {report['check_images']} at batch {' and '.join(map(str, report['batch_sizes']))}: "
+                 f"max |diff logits| {report['max_abs_diff']:.2e}, same argmax")
+    print(line)
+
+
+@app.command(epilog="Examples:\n\n  vptool predict runs/quickstart digits/*.png\n\n"
+             "  find photos -name '*.jpg' | vptool predict runs/birds - --json | jq -r '[.path, .classes[0]] | @tsv'"
+             "\n\n  vptool predict quickstart.onnx images/ --csv -o predictions.csv --skip-bad")
+@cli_errors
+def predict(
+    source: Annotated[Path, typer.Argument(help="Run directory, adapter folder, or an .onnx file from vptool export "
+                                           "(run by onnxruntime alone).", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively), or - for "
+                                                "newline-separated paths on stdin.", show_default=False)],
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes per image.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    json_lines: Annotated[bool, typer.Option("--json", help="JSON lines (the default): {path, classes, probs}.")
+                          ] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="CSV: path, class_1, prob_1, ..., error.")] = False,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the rows to FILE instead of stdout.",
+                                                   show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing -o file.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Go on past unreadable images: they get a row with "
+                                           "an error field, and their count goes to stderr.")] = False,
+    backbone_checkpoint: BackboneOpt = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Classify images: one row per image with its top-k classes and probabilities.
+
+    Images go through the model's own evaluation transform. Rows go to stdout (or -o), progress and messages
+    to stderr. An unreadable image stops the command before any output (exit 2), unless --skip-bad.
+    """
+    from vptool.engine.predict import run_predict
+
+    if json_lines and csv_out:
+        raise UserError("--json/--csv: choose one output format")
+    if top_k < 1:
+        raise UserError(f"--top-k: {top_k} must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size: {batch_size} must be at least 1")
+    if output is not None:
+        check_new_file(output, "-o", None, overwrite)
+    obs = RichObserver(quiet=False)
+    summary = run_predict(source, inputs, top_k=top_k, batch_size=batch_size, fmt="csv" if csv_out else "json",
+                          output=output, skip_bad=skip_bad, backbone_checkpoint=backbone_checkpoint,
+                          device=device, observer=obs)
+    if summary["bad"]:
+        err.print(f"{summary['bad']} of {summary['images']} images could not be read; their rows carry an error "
+                  "field", markup=False)
 
 
 def _gate_table(result: dict) -> str:
