@@ -201,6 +201,9 @@ def read_config(directory: str | Path) -> dict:
                         "(vptool export RUN --format adapter -o DIR)")
     path = d / CONFIG_NAME
     if not path.is_file():
+        if (d / "recipe.yaml").is_file():
+            raise UserError(f"{d}: no {CONFIG_NAME} yet: the run has not finished (vptool train writes it at the "
+                            "end); train it to the end first")
         raise UserError(f"{d}: no {CONFIG_NAME}; not a vptool run directory or adapter folder (vptool train "
                         "writes runs/NAME; vptool export RUN --format adapter -o DIR writes a folder)")
     if not (d / WEIGHTS_NAME).is_file():

@@ -194,17 +194,14 @@ class OnnxRunner:
         UserError: onnxruntime is not installed, the file cannot be loaded, or it carries no vptool metadata.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path):
         try:
             import onnxruntime as ort
         except ImportError:
             raise UserError('predict: reading an .onnx file needs onnxruntime: pip install "vptool[export]"') \
                 from None
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise UserError(f"{path}: cannot load as an ONNX model ({str(exc).splitlines()[0]}); export it again "
                             "with vptool export --format onnx") from None

@@ -606,7 +606,7 @@ class PromptedViT(nn.Module):
                 (uint8 tensors are scaled by 1/255), or a list of paths / PIL images / (3, H, W) tensors. Any
                 PIL mode is converted to RGB (grayscale, palette, RGBA, 16-bit).
             top_k: classes per image (capped at K).
-            batch_size: images per forward pass.
+            batch_size: images per forward pass (on the model's device; bf16 autocast on CUDA, fp32 on CPU).
 
         Returns:
             One dict per image, in input order: ``{"classes": [k class names], "probs": [k softmax
