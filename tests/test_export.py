@@ -89,8 +89,15 @@ def beit_checkpoint(tmp_path_factory):
     return write_beitv2(random_beitv2_sd(seed=3), tmp_path_factory.mktemp("beit") / "beitv2_pt.pth")
 
 
+#: test_methods' CASES plus the two SPT presets (whose k-means prototypes are stood in for by random values here).
+EXPORT_CASES = CASES + [("spt-shallow", "spt-shallow", {"prompt": {"length": 5}}),
+                        ("spt-deep", "spt-deep", {"prompt": {"length": 3}})]
+
+
 def adapter_folder(case_sections: dict, method: str, kind: str, beit_checkpoint, out):
     """A CASES row on a tiny ViT or tiny BEiT v2, with random adapter tensors, saved as an adapter folder."""
+    from vptool.prompting.spt import STRATEGIES
+
     if kind == "vit":
         backbone = {"name": TINY_NAME, "pretrained": False, "kwargs": dict(TINY_KWARGS)}
     else:
@@ -101,7 +108,8 @@ def adapter_folder(case_sections: dict, method: str, kind: str, beit_checkpoint,
     seed_everything(recipe.seed)  # as a run builds it: a random-init backbone is rebuilt from the seed
     b = recipe.backbone
     bb, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs)
-    model = build_model(recipe, bb, info, 5)
+    spt = recipe.prompt.init in STRATEGIES  # randomise() below gives the prompts their values
+    model = build_model(recipe, bb, info, 5, **({"prompt_init": "zeros"} if spt else {}))
     randomise(model)
     model.class_names = list("abcde")
     model.save_pretrained(out)
@@ -110,7 +118,7 @@ def adapter_folder(case_sections: dict, method: str, kind: str, beit_checkpoint,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vit", "beitv2"])
-@pytest.mark.parametrize("case,method,sections", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case,method,sections", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
 def test_every_preset_and_combination_exports_to_onnx(case, method, sections, kind, beit_checkpoint, tmp_path):
     model = adapter_folder(sections, method, kind, beit_checkpoint, tmp_path / "ad")
     out = tmp_path / "m.onnx"
