@@ -177,6 +177,10 @@ def test_bad_export_input_is_one_line_and_keeps_what_exists(tiny_adapter, tmp_pa
     one_error_line(invoke_cli("export", str(run), "--format", "onnx", "-o", str(tmp_path / "m.pt2")), ".onnx")
     one_error_line(invoke_cli("export", str(tmp_path), "--format", "onnx", "-o", str(tmp_path / "x.onnx")),
                    "adapter_config.json")
+    for opset in ("7", "99"):  # would silently become 18 / cannot exist
+        one_error_line(invoke_cli("export", str(run), "--format", "onnx", "-o", str(tmp_path / "o.onnx"),
+                                  "--opset", opset), "--opset", opset)
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_a_graph_that_does_not_match_is_removed_and_exits_1(tiny_adapter, tmp_path, monkeypatch):

@@ -42,6 +42,8 @@ SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 #: max |Δ logits| an exported graph may differ from the PyTorch model by (fp32).
 TOLERANCE = 1e-4
 CHECK_IMAGES = 8
+#: the oldest ONNX opset torch's dynamo exporter writes (an older --opset would silently become this one).
+MIN_OPSET = 18
 EXTRA = 'pip install "vptool[export]"'
 
 
@@ -198,7 +200,13 @@ def write_onnx(model, path: Path, images: torch.Tensor, opset: int | None) -> di
             prog.model.metadata_props[k] = v
         prog.save(str(path), external_data=False)
     opset_used = next((v for k, v in prog.model.opset_imports.items() if k == ""), opset)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if opset is not None:
+            raise UserError(f"--opset: onnxruntime {ort.__version__} cannot run the opset-{opset} graph "
+                            f"({_first_line(exc)[:160]}); choose a lower --opset or leave it out") from None
+        raise VerifyError(f"onnxruntime cannot load the exported graph: {_first_line(exc)}") from None
     report = compare(lambda t: session.run(None, {"pixel_values": t.numpy()})[0], model, images)
     return {**report, "opset": opset_used}
 
@@ -265,6 +273,13 @@ def export(source: str | Path, fmt: str, out: str | Path, opset: int | None = No
     require_extra(fmt)
     if opset is not None and fmt != "onnx":
         raise UserError(f"--opset: only with --format onnx (got --format {fmt})")
+    if opset is not None:
+        import onnx.defs
+
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= opset <= newest:
+            raise UserError(f"--opset: {opset} is outside {MIN_OPSET}..{newest} (torch's ONNX exporter starts at "
+                            f"{MIN_OPSET}; onnx {onnx.__version__} knows up to {newest})")
     model, _, cfg = load_with_info(source, device="cpu", backbone_checkpoint=backbone_checkpoint)
     model.float().eval()
     report = {"source": str(source), "format": fmt, "output": str(out), "classes": len(model.class_names),

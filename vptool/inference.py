@@ -141,25 +141,17 @@ def _check_counts(top_k: int, batch_size: int) -> None:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
 
 
-@torch.no_grad()
 def predict_images(model, images, top_k: int = 5, batch_size: int = 64) -> list[dict]:
     """``PromptedViT.predict``: see there."""
-    from vptool.engine.setup import autocast
-
     _check_counts(top_k, batch_size)
     items = _as_list(images)
     prep = Preprocess(model.data_config, model.eval_transform)
-    device = next(model.parameters()).device
-    classes = model.class_names or [str(k) for k in range(model.num_classes)]
     was_training = model.training
-    model.eval()
+    run = TorchRunner(model)
     rows: list[dict] = []
     try:
         for s in range(0, len(items), batch_size):
-            x = prep.batch(items[s:s + batch_size]).to(device)
-            with autocast(device, torch.bfloat16 if device.type == "cuda" else None):
-                logits = model(x)
-            rows.extend(top_k_rows(logits, classes, top_k))
+            rows.extend(top_k_rows(run(prep.batch(items[s:s + batch_size])), run.classes, top_k))
     finally:
         model.train(was_training)
     return rows
@@ -167,13 +159,14 @@ def predict_images(model, images, top_k: int = 5, batch_size: int = 64) -> list[
 
 # ------------------------------------------------------------------------------------------------ runners
 class TorchRunner:
-    """A ``PromptedViT`` (``vptool.load``) as a batch function: (B, 3, H, W) -> (B, K) logits on CPU."""
+    """A ``PromptedViT`` as a batch function in eval mode: (B, 3, H, W) -> (B, K) float32 logits on CPU, with
+    bf16 autocast on CUDA and fp32 on CPU (``precision: auto``)."""
 
-    def __init__(self, model, amp_dtype: torch.dtype | None = None):
+    def __init__(self, model):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.amp_dtype = amp_dtype
-        self.classes = list(model.class_names)
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.classes = list(model.class_names or [str(k) for k in range(model.num_classes)])
         self.data_config = model.data_config
         self.eval_transform = model.eval_transform
 
@@ -235,6 +228,4 @@ def open_source(source: str | Path, device: str | None = None, backbone_checkpoi
             raise UserError(f"{p}: not found; pass an .onnx file from vptool export, a run directory or an "
                             "adapter folder")
         return OnnxRunner(p)
-    model = load(p, device=device, backbone_checkpoint=backbone_checkpoint)
-    dev = next(model.parameters()).device
-    return TorchRunner(model, torch.bfloat16 if dev.type == "cuda" else None)
+    return TorchRunner(load(p, device=device, backbone_checkpoint=backbone_checkpoint))
