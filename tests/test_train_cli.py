@@ -185,4 +185,9 @@ def test_corrupt_image_names_the_file(tmp_path, workers):
     assert proc.returncode == 2, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and str(bad) in errors[0], proc.stderr
-    assert not (tmp_path / "runs" / "tiny").exists()  # the partial run is removed
+    # the failed run stays, unfinished, and a plain rerun names the ways out instead of silently being blocked
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "recipe.yaml").is_file() and not (run / "summary.json").exists()
+    again = run_cli("train", str(path))
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert "has not finished" in again.stderr and "--resume" in again.stderr and "--overwrite" in again.stderr

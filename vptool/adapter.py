@@ -105,16 +105,17 @@ def save_pretrained(model, directory: str | Path, name: str | None = None) -> Pa
     Raises:
         ValueError: the model's backbone was not built by vptool (see ``adapter_config``).
     """
-    from safetensors.torch import save_file
 
-    from vptool.paths import write_atomically, write_text_atomically
+    from vptool.paths import write_safetensors, write_text_atomically
+    from vptool.prompting.model import check_finite
 
     cfg = adapter_config(model)  # refuses before anything is written
+    check_finite(model.adapter_state_dict(), str(directory))
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "vptool_version": cfg["vptool_version"], "method": str(cfg["method"]),
             "backbone": cfg["backbone"]["name"]}
-    write_atomically(out / WEIGHTS_NAME, lambda tmp: save_file(model.adapter_state_dict(), str(tmp), metadata=meta))
+    write_safetensors(out / WEIGHTS_NAME, model.adapter_state_dict(), meta)
     write_text_atomically(out / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     write_text_atomically(out / CARD_NAME, model_card(cfg, name or out.name))
     return out

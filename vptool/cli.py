@@ -37,10 +37,30 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback on errors.")]
 
 
+#: an error line is cut to this many characters: a message never floods a CI log (a bad value's repr can be huge)
+MAX_LINE = 300
+
+
+def _bounded(line: str) -> str:
+    return line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..."
+
+
 def _fail(message: str, code: int) -> None:
     for line in message.splitlines() or [""]:
-        err.print(f"error: {line}", markup=False)
+        err.print(_bounded(f"error: {line}"), markup=False)
     raise typer.Exit(code)
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for a failed read or write: the path and the errno text (disk full, permission, ...)."""
+    import os
+
+    what = exc.strerror or (os.strerror(exc.errno) if exc.errno else None) or str(exc) or type(exc).__name__
+    path = exc.filename if exc.filename is not None else None
+    if path is None:
+        return f"{what}; check free disk space and permissions"
+    extra = f" -> {exc.filename2}" if exc.filename2 else ""
+    return f"{path}{extra}: {what}; check free disk space and permissions, then rerun (an interrupted run: --resume)"
 
 
 def _one_line(exc: Exception) -> str:
@@ -74,10 +94,10 @@ def cli_errors(fn):
             if debug:
                 raise
             _fail(_one_line(exc), 2)
-        except RunError as exc:
+        except RunError as exc:  # a failed run (1), or one stopped by SIGINT/SIGTERM after its checkpoint (130/143)
             if debug:
                 raise
-            _fail(str(exc), 1)
+            _fail(str(exc), getattr(exc, "exit_code", 1))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except BrokenPipeError:  # the reader went away (`vptool predict ... | head`): stop quietly, as cat does
@@ -86,10 +106,14 @@ def cli_errors(fn):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(141) from None
+        except OSError as exc:  # disk full, permission denied, ...: the path and the errno text, exit 1
+            if debug:
+                raise
+            _fail(_os_error_line(exc), 1)
         except Exception as exc:  # a bug or an environment failure: exit 1, short message
             if debug:
                 raise
-            _fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+            _fail(f"{type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)", 1)
 
     return wrapper
 
@@ -150,6 +174,9 @@ class RichObserver:
     def kmeans_step(self) -> None:
         self.progress.update(self.task, advance=1)
 
+    def note(self, text: str) -> None:
+        err.print(f"note: {text}", markup=False)
+
 
 def _methods_table() -> str:
     from vptool.recipe import PRESETS
@@ -159,29 +186,40 @@ def _methods_table() -> str:
 
 @app.command(epilog="Examples:\n\n  vptool train recipes/quickstart.yaml\n\n"
              "  vptool train recipes/quickstart.yaml --set train.lr=0.05 --set output.name=lr005\n\n"
-             "  vptool train recipes/quickstart.yaml --dry-run --json")
+             "  vptool train recipes/quickstart.yaml --dry-run --json\n\n"
+             "  vptool train runs/quickstart --resume --set train.epochs=40")
 @cli_errors
 def train(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)],
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/), or with --resume a run directory.",
+                                           show_default=False)],
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the "
                                           "trainable-parameter summary, then exit; writes nothing. Inputs not "
                                           "on disk yet are named in a warning (exit 0, ready: false).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from checkpoints/last.pt (killed, "
+                                         "stopped or failed; or a finished run with a larger train.epochs). The "
+                                         "recipe must match the run's recipe.yaml except train.epochs.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory: the new run "
+                                            "trains beside it and replaces it only when it finishes.")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train prompts (and head) on a frozen backbone; writes runs/<name>/.
 
+    SIGINT/SIGTERM stop after the current step, write checkpoints/last.pt and exit 130/143; --resume continues.
     Method presets (recipe key `method`) fill defaults the recipe can override.
     """
     from vptool.engine.setup import dry_run as dry_run_recipe
-    from vptool.engine.train import prepare_run_dir
     from vptool.engine.train import train as run_train
     from vptool.prompting.model import format_parameter_summary
-    from vptool.recipe import dump_recipe, load_recipe
+    from vptool.recipe import dump_recipe, load_recipe, load_run_recipe
 
-    r = load_recipe(recipe, set_ or [])
+    if recipe.is_dir():
+        if not resume and not dry_run:
+            raise UserError(f"{recipe}: is a run directory; continue it with --resume, or pass a YAML recipe")
+        r = load_run_recipe(recipe, set_ or [])
+    else:
+        r = load_recipe(recipe, set_ or [])
     if dry_run:
         plan = dry_run_recipe(r)
         for item in plan["inputs"]:
@@ -197,10 +235,14 @@ def train(
             print(format_parameter_summary(plan["trainable_params"], plan["total_params"]))
         if plan["mask_token"]:
             print(f"[MASK] token: {plan['mask_token']}")
+        print(f"memory: at least {plan['memory_estimate_bytes'] / 2**30:.2f} GiB to train "
+              f"({plan['memory_available_bytes'] / 2**30:.1f} GiB available)")
         print("ready: all inputs found" if plan["ready"] else "not ready: inputs missing (see warnings)")
         return
-    prepare_run_dir(r, overwrite)  # refuse an existing run before any slow work
-    summary = run_train(r, overwrite=overwrite, observer=RichObserver(quiet=json_out))
+    command = " ".join(["vptool train", _shell_quote(str(recipe)), *(f"--set {_shell_quote(x)}" for x in set_ or []),
+                        "--overwrite" if overwrite else "", "--resume"]).replace("  ", " ")
+    summary = run_train(r, overwrite=overwrite, resume=resume, observer=RichObserver(quiet=json_out),
+                        resume_command=command)
     if json_out:
         print(json.dumps(summary))
     else:
@@ -208,6 +250,12 @@ def train(
               f"(best val {summary['val_acc']:.2f}% at epoch {summary['best_epoch']})  -> {summary['run_dir']}")
         if "gates" in summary:
             print(_gate_table(summary))
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 train.__doc__ += "\n\n" + _methods_table().replace("\n", "\n\n")

@@ -31,8 +31,9 @@ def check_new_file(path: str | Path, option: str, suffix: str | None, overwrite:
 
 
 def write_atomically(path: str | Path, write) -> Path:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place: a reader never sees a
-    half-written file, and a failed write leaves the old file (if any) untouched.
+    """Call ``write(tmp)`` on a temporary path beside ``path``, fsync it, then rename it into place (and fsync the
+    folder): a reader never sees a half-written file, and a failed write or a kill leaves the old file (if any)
+    untouched.
 
     Args:
         path: the final file.
@@ -44,9 +45,25 @@ def write_atomically(path: str | Path, write) -> Path:
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # the permissions a plain open() would give (some writers use 0600)
+        fd = os.open(str(tmp), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the rename makes them the file
+        finally:
+            os.close(fd)
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
+    try:
+        dfd = os.open(str(p.parent), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # not every filesystem syncs a folder
+        pass
     return p
 
 
@@ -65,3 +82,25 @@ def write_csv_atomically(path: str | Path, header: list[str], rows) -> Path:
     w.writerow(header)
     w.writerows(rows)
     return write_text_atomically(path, buf.getvalue())
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save`` with a canonical header: keys sorted, so the same tensors and metadata give the
+    same bytes in every process (the library's header order varies per process with its hash map seed). The
+    header stays valid safetensors: the same JSON, reordered, padded with spaces to its original length."""
+    import json
+
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), separators=(",", ":"), sort_keys=True).encode()
+    if len(header) > n:  # cannot happen (same characters); keep the library's bytes if it ever does
+        return data
+    return data[:8] + header + b" " * (n - len(header)) + data[8 + n:]
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (+ ``metadata``) to ``path`` atomically with a canonical header (``safetensors_bytes``)."""
+    data = safetensors_bytes(tensors, metadata)
+    return write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,8 @@ class OutputConfig:
     name: Optional[str] = _f(None, "run directory name (default: the recipe file's stem)")
     save_prompt_history: bool = _f(False, "save the prompts (and gates, temperature) before training and after "
                                           "each epoch to prompt_history/ for `vptool probe-nmi --history`")
+    save_every_steps: int = _f(0, "also write checkpoints/last.pt every N optimizer steps (0: at each epoch's end "
+                                  "only); for long epochs on preemptible machines")
 
 
 @dataclass
@@ -275,6 +278,18 @@ def _suggest(key: str, siblings: list[str], prefix: str) -> str:
     return f"; valid keys here: {', '.join(siblings)}"
 
 
+def short_repr(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, so an error line stays one readable line however big the
+    value (a YAML alias bomb expands to megabytes)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple = 2, 4, 4, 4
+    text = r.repr(value)
+    return text if len(text) <= limit + 10 else text[:limit] + "..."
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -302,7 +317,7 @@ def _check(tp, value, path: str, errors: list[str]):
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        errors.append(f"{path}: {value!r} is not one of {_type_name(tp)}{hint}")
+        errors.append(f"{path}: {short_repr(value)} is not one of {_type_name(tp)}{hint}")
         return None
     if tp is bool:
         if isinstance(value, bool):
@@ -312,6 +327,9 @@ def _check(tp, value, path: str, errors: list[str]):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                errors.append(f"{path}: {value} is not a finite number; give a finite value")
+                return None
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -319,7 +337,7 @@ def _check(tp, value, path: str, errors: list[str]):
     elif tp is dict:
         if isinstance(value, dict):
             return value
-    errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {short_repr(value)}")
     return None
 
 
@@ -328,14 +346,15 @@ def _build(cls, raw, path: str, errors: list[str]):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        errors.append(f"{where}: expected a mapping of keys, got {type(raw).__name__} {raw!r}")
+        errors.append(f"{where}: expected a mapping of keys, got {type(raw).__name__} {short_repr(raw)}")
         return None
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     prefix = f"{path}." if path else ""
     for key in raw:
         if key not in fields:
-            errors.append(f"{prefix}{key}: unknown key{_suggest(str(key), list(fields), prefix)}")
+            errors.append(f"{prefix}{short_repr(key) if not isinstance(key, str) else key[:80]}: unknown key"
+                          f"{_suggest(str(key)[:80], list(fields), prefix)}")
     kwargs = {}
     for name, f in fields.items():
         p = prefix + name
@@ -407,6 +426,19 @@ def _cross_checks(r: Recipe) -> list[str]:
         e.append(f"train.warmup_epochs: {r.train.warmup_epochs} must be below train.epochs ({r.train.epochs})")
     if not r.train.lr > 0:
         e.append(f"train.lr: {r.train.lr} must be > 0")
+    if not 0.0 <= r.train.momentum <= 1.0:
+        e.append(f"train.momentum: {r.train.momentum} must be in [0, 1]")
+    if r.train.weight_decay < 0:
+        e.append(f"train.weight_decay: {r.train.weight_decay} must be >= 0")
+    for key, value in (("seed", r.seed), ("data.split_seed", r.data.split_seed)):
+        if not 0 <= value < 2**32:
+            e.append(f"{key}: {short_repr(value)} must be in [0, 2**32 - 1] (NumPy and DataLoader seeds are 32-bit)")
+    if r.output.save_every_steps < 0:
+        e.append(f"output.save_every_steps: {r.output.save_every_steps} must be >= 0 (0: at each epoch's end only)")
+    name = r.output.name
+    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
+        e.append(f"output.name: {short_repr(name)} must be a plain folder name (no '/', not '.' or '..')")
+    e.extend(backbone_kwargs_problems(r.backbone.kwargs))
     if not 0.0 <= r.prompt.dropout < 1.0:
         e.append(f"prompt.dropout: {r.prompt.dropout} must be in [0, 1)")
     if not 0.0 < r.data.val_fraction < 1.0:
@@ -415,6 +447,26 @@ def _cross_checks(r: Recipe) -> list[str]:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         e.append(f"train.device: {dev!r} is not auto, cpu, cuda or cuda:N")
     return e
+
+
+#: ViT size arguments that must be positive integers (img_size may also be a pair).
+SIZE_KWARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans")
+
+
+def backbone_kwargs_problems(kwargs: dict) -> list[str]:
+    """``backbone.kwargs`` size arguments that cannot build a ViT (``depth: -1``, ``embed_dim: 0``, ...)."""
+    out = []
+    for k in SIZE_KWARGS:
+        if k not in kwargs:
+            continue
+        v = kwargs[k]
+        values = v if k == "img_size" and isinstance(v, (list, tuple)) and len(v) == 2 else [v]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values):
+            out.append(f"backbone.kwargs.{k}: {short_repr(v)} must be a positive integer")
+    mlp = kwargs.get("mlp_ratio")
+    if mlp is not None and (isinstance(mlp, bool) or not isinstance(mlp, (int, float)) or not mlp > 0):
+        out.append(f"backbone.kwargs.mlp_ratio: {short_repr(mlp)} must be a positive number")
+    return out
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -429,7 +481,8 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """Turn ``["a.b=1", "c=x"]`` into a nested mapping; values are parsed as YAML scalars (safe_load).
+    """Turn ``["a.b=1", "c=x"]`` into a nested mapping; values are parsed as YAML by ``RecipeLoader`` (safe;
+    ``1e-3`` and ``.5`` are floats).
 
     Raises:
         RecipeError: an item has no ``=`` or an empty key.
@@ -443,8 +496,11 @@ def parse_overrides(items: list[str]) -> dict:
             problems.append(f"{item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=0.05")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            value = load_yaml_text(text) if text.strip() else None
+        except YamlProblem as exc:
+            problems.append(f"{key}: {exc.message}")
+            continue
+        except (yaml.YAMLError, RecursionError):
             value = text
         node = out
         parts = key.split(".")
@@ -530,24 +586,119 @@ def resolve_saved(raw: dict, source: str) -> Recipe:
     return resolve(raw, source=source)
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with ``yaml.safe_load``.
+# --------------------------------------------------------------------------------------------------- YAML
+#: a recipe is a small mapping: more values than this (after YAML aliases are expanded) or deeper nesting is refused
+MAX_YAML_VALUES = 10_000
+MAX_YAML_DEPTH = 20
+
+
+class YamlProblem(yaml.YAMLError):
+    """A recipe YAML that parses but is refused (a duplicate key, an alias bomb, too deep); ``line`` is 1-based."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (nothing is executed) with three changes for recipes.
+
+    - Numbers in exponent form without a dot (``1e-3``, ``1e12``, ``5E+2``) are floats, as in YAML 1.2 and as
+      users type them in ``--set train.lr=1e-3``; YAML 1.1 (PyYAML's default) reads them as strings.
+    - A key repeated in one mapping is an error naming both lines (YAML 1.1 silently keeps the last one).
+    - A document that expands to more than ``MAX_YAML_VALUES`` values (an alias bomb) or nests deeper than
+      ``MAX_YAML_DEPTH`` is refused before any value is built.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise YamlProblem(f"key {key[:80]!r} appears twice in one mapping (lines {seen[key]} and "
+                                      f"{line}); YAML would silently drop the first: merge them into one", line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_size(node)
+        return node
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    __import__("re").compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _check_size(root) -> None:
+    """Refuse an alias bomb or deep nesting: the expanded value count, computed once per shared node."""
+    sizes: dict[int, int] = {}
+    stack = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_YAML_DEPTH:
+            raise YamlProblem(f"values nested more than {MAX_YAML_DEPTH} levels deep; a recipe is a shallow mapping",
+                              node.start_mark.line + 1)
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+            continue
+        children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value))
+        if done:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise YamlProblem(f"the document expands to more than {MAX_YAML_VALUES:,d} values (YAML aliases "
+                                  "repeat them); a recipe is a small mapping: remove the aliases",
+                                  node.start_mark.line + 1)
+            continue
+        if id(node) in sizes:
+            continue
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+
+
+def load_yaml_text(text: str):
+    """Parse recipe YAML text with ``RecipeLoader`` (safe; see its docstring).
 
     Raises:
-        UserError: the file is missing, unreadable, not YAML, or not a mapping.
+        yaml.YAMLError: bad syntax, or a ``YamlProblem``; RecursionError for pathological nesting.
+    """
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 -- RecipeLoader is a SafeLoader
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with ``RecipeLoader`` (a ``yaml.SafeLoader``: nothing in the file is executed).
+
+    Raises:
+        UserError: the file is missing, unreadable, not YAML, not a mapping, repeats a key, or is an alias bomb
+            or nested too deeply (one line naming the file and the line).
     """
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder; pass the path of a YAML recipe (see recipes/)")
     if not p.is_file():
         raise UserError(f"{p}: recipe not found; pass the path of a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml_text(p.read_text(encoding="utf-8"))
+    except YamlProblem as exc:
+        where = f" line {exc.line}" if exc.line else ""
+        raise UserError(f"{p}:{where}: {exc.message}") from None
+    except RecursionError:
+        raise UserError(f"{p}: values nested too deeply to read; a recipe is a shallow mapping") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise UserError(f"{p}:{where}: {problem}; fix the YAML syntax") from None
+        raise UserError(f"{p}:{where}: {str(problem)[:120]}; fix the YAML syntax") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p}: cannot read recipe ({exc})") from None
+        raise UserError(f"{p}: cannot read recipe ({str(exc)[:120]})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -569,6 +720,23 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if recipe.output.name is None:
         recipe.output.name = Path(path).stem
     return recipe
+
+
+def load_run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe of a run directory (its ``recipe.yaml``, read leniently) with ``--set`` overrides, located at
+    that directory (``output.dir`` its parent, ``output.name`` its name) wherever it has moved.
+
+    Raises:
+        UserError / RecipeError: no recipe.yaml, or a bad value.
+    """
+    run = Path(run_dir)
+    path = run / "recipe.yaml"
+    if not path.is_file():
+        raise UserError(f"{run}: no recipe.yaml; not a vptool run directory (pass a YAML recipe instead)")
+    raw, dropped = drop_unknown_keys(read_yaml(path))
+    ov = parse_overrides(overrides or [])
+    ov = deep_merge(ov, {"output": {"dir": str(run.parent), "name": run.name}})
+    return resolve(raw, ov, source=str(path))
 
 
 def dump_recipe(recipe: Recipe) -> str:

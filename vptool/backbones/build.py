@@ -97,6 +97,18 @@ def _reason(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _refused_global(exc: Exception) -> str:
+    """What a weights-only load refused, without torch's advice to trust the file: ``needs GLOBAL mod.Name``."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"needs the global {m.group(1)}"
+    if "allow_pickle=False" in text:
+        return "holds pickled objects"
+    m = re.search(r"Unsupported operand \d+|Unsupported class [\w.]+", text)
+    return m.group(0) if m else "not a plain tensor file"
+
+
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
     """The arrays of a JAX ``.npz`` as float32 tensors, keyed by their '/'-separated names (no pickles)."""
     with np.load(str(path), allow_pickle=False) as npz:
@@ -145,8 +157,9 @@ def read_state_dict(path: str | Path, key: str = "backbone.checkpoint") -> dict[
     except Exception as exc:  # safetensors / zip / pickle errors have many types; all mean "cannot read this file"
         text = str(exc)
         if "WeightsUnpickler error:" in text or "allow_pickle=False" in text:
-            raise UserError(f"{key}: cannot read {p} as a weights-only checkpoint ({_reason(exc)}); vptool never "
-                            "unpickles code: save it as a plain state dict, .safetensors or a numeric .npz") from None
+            raise UserError(f"{key}: {p} asks to run code or load a non-tensor object ({_refused_global(exc)}); "
+                            "vptool loads tensors only (weights_only=True) and never unpickles code: re-save it "
+                            "as a plain state dict of tensors, .safetensors or a numeric .npz") from None
         reason = "zip archive cut short: no central directory" if _cut_zip(p) else _reason(exc)
         raise UserError(f"{key}: cannot read {p} ({reason}); the file is truncated, corrupt or not a "
                         "checkpoint: copy it again, or convert it to .safetensors") from None
@@ -237,6 +250,11 @@ def check_supported(model: nn.Module, name: str) -> None:
         raise UserError(f"backbone.name: {name!r} uses attention pooling (global_pool='map'), not supported")
 
 
+def _kwargs_text(kwargs: dict) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no kwargs"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     import timm
 
@@ -253,6 +271,10 @@ def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
             raise UserError(f"backbone.pretrained: could not load pretrained weights for {name!r} "
                             f"({type(exc).__name__}); offline, set backbone.checkpoint to a local file "
                             "or fill the Hugging Face cache") from None
+        if isinstance(exc, (ValueError, RuntimeError, AssertionError, ZeroDivisionError)):
+            line = (str(exc).splitlines() or [type(exc).__name__])[0][:150]
+            raise UserError(f"backbone.kwargs: timm cannot build {name!r} with {_kwargs_text(kwargs)} ({line}); "
+                            "fix backbone.kwargs") from None
         raise
 
 
@@ -454,6 +476,11 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
     if format != "auto" and format not in CONVERTERS:
         raise UserError(f"backbone.format: unknown format {format!r}; choose auto or one of {', '.join(CONVERTERS)}")
     kwargs = dict(kwargs or {})
+    from vptool.recipe import backbone_kwargs_problems
+
+    problems = backbone_kwargs_problems(kwargs)
+    if problems:
+        raise UserError(problems[0])
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     ckpt_key = "backbone.checkpoint"
     timm_pretrained = False
@@ -484,6 +511,10 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
             model = VisionTransformer(**{**emb.arch, **kwargs})
         except TypeError as exc:
             raise UserError(f"backbone.kwargs: {exc}; fix the constructor kwargs for {name!r}") from None
+        except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
+            line = (str(exc).splitlines() or [type(exc).__name__])[0][:150]
+            raise UserError(f"backbone.kwargs: cannot build {name!r} with {_kwargs_text(kwargs)} ({line}); "
+                            "fix backbone.kwargs") from None
         size = model.patch_embed.img_size
         model.pretrained_cfg = dict(input_size=(3, *size), mean=emb.mean, std=emb.std, crop_pct=1.0,
                                     interpolation="bilinear", num_classes=0)

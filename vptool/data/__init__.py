@@ -230,10 +230,12 @@ def build_splits(data, data_config: dict, train_eval_transform: bool = False) ->
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                pin_memory: bool) -> DataLoader:
-    """A DataLoader with a seeded shuffle order (``torch.Generator``) and pinned memory on CUDA."""
+                pin_memory: bool, sampler=None) -> DataLoader:
+    """A DataLoader with a seeded shuffle order (``torch.Generator``) and pinned memory on CUDA; ``sampler``
+    (e.g. the training loop's resumable ``EpochSampler``) replaces the shuffle."""
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None,
+                      sampler=sampler, num_workers=num_workers,
                       generator=g, pin_memory=pin_memory, drop_last=False,
                       persistent_workers=num_workers > 0)

@@ -27,7 +27,7 @@ from vptool.backbones.build import BackboneInfo, build_backbone
 from vptool.data import build_splits, make_loader
 from vptool.engine.setup import autocast, autocast_dtype, resolve_device, seed_everything
 from vptool.errors import UserError
-from vptool.paths import check_new_file, write_atomically
+from vptool.paths import check_new_file
 from vptool.prompting.kmeans import StreamingKMeans
 from vptool.prompting.model import PromptedViT
 from vptool.prompting.spt import FORMS, SOURCES, STRATEGIES, pool_prompts, sample_prompts, source_levels
@@ -259,12 +259,11 @@ def write_prompt_file(path: str | Path, name: str, tensor: torch.Tensor, meta: d
     Raises:
         UserError: the file exists (without ``overwrite``), its folder does not, or it is not ``.safetensors``.
     """
-    from safetensors.torch import save_file
+    from vptool.paths import write_safetensors
 
     p = check_new_file(path, "-o", ".safetensors", overwrite)
     md = {"format": "pt", **{k: json.dumps(v) for k, v in meta.items()}}
-    write_atomically(p, lambda tmp: save_file({name: tensor.detach().float().cpu().contiguous()}, str(tmp),
-                                              metadata=md))
+    write_safetensors(p, {name: tensor.detach().float().cpu().contiguous()}, md)
 
 
 def read_prompt_metadata(path: str | Path, key: str = "prompt.init_file") -> dict:

@@ -58,13 +58,13 @@ def history_tensors(model) -> dict[str, torch.Tensor]:
 
 def save_snapshot(model, run: Path, epoch: int) -> Path:
     """Write ``run/prompt_history/epoch_{epoch:04d}.safetensors`` (``history_tensors``; metadata ``epoch``)."""
-    from safetensors.torch import save_file
+    from vptool.paths import write_safetensors
 
     folder = run / HISTORY_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"epoch_{epoch:04d}.safetensors"
-    save_file(history_tensors(model), str(path), metadata={"format": "pt", "epoch": str(epoch),
-                                                              "vptool_version": vptool.__version__})
+    write_safetensors(path, history_tensors(model), {
+        "format": "pt", "epoch": str(epoch), "vptool_version": vptool.__version__})
     return path
 
 
@@ -140,7 +140,7 @@ def open_target(path: str | Path, prompts_file: str | Path | None = None, sets: 
         recipe = load_recipe(p, sets or [])
         _require_prompts(recipe)  # before the model is built (an SPT init would run k-means)
         dev = resolve_device(device or recipe.train.device)
-        setup = prepare(recipe, dev, for_adapter=prompts_file is not None, train_eval_transform=True)
+        setup = prepare(recipe, dev, for_adapter=prompts_file is not None, train_eval_transform=True, check_mem=False)
         kind = "recipe"
         what = f"init: {recipe.prompt.init}" + (f" ({recipe.prompt.init_file})" if recipe.prompt.init == "file"
                                                  else f" (seed {recipe.seed})")

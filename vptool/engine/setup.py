@@ -125,13 +125,14 @@ def check_num_classes(recipe: Recipe, found: int) -> None:
 
 
 def prepare(recipe: Recipe, device: torch.device | None = None, observer=None, for_adapter: bool = False,
-            train_eval_transform: bool = False) -> Setup:
+            train_eval_transform: bool = False, check_mem: bool = True) -> Setup:
     """Build backbone, data and model for ``recipe`` (model on ``device``, seeded by ``recipe.seed``).
 
     With an SPT strategy as ``prompt.init`` the prompts are built here from the training split (one streaming
     pass, ``vptool.engine.init_prompts``); with ``prompt.init: file`` the file's backbone must match.
     ``for_adapter`` skips the prompt init (zeros): the caller loads a trained adapter over it.
     ``train_eval_transform`` gives the training split the deterministic eval transform (analysis, not training).
+    ``check_mem`` refuses, before the model is built, a recipe whose training cannot fit (``check_memory``).
 
     Raises:
         UserError: any bad key, path or value found while building.
@@ -143,6 +144,8 @@ def prepare(recipe: Recipe, device: torch.device | None = None, observer=None, f
     b = recipe.backbone
     seed_everything(recipe.seed)  # a backbone without weights (pretrained: false) is then rebuilt identically
     backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
+    if check_mem:
+        check_memory(recipe, backbone, device)  # before the prompts are allocated and before any run file
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=train_eval_transform)
     check_num_classes(recipe, len(splits.classes))
     overrides: dict = {}
@@ -158,6 +161,79 @@ def prepare(recipe: Recipe, device: torch.device | None = None, observer=None, f
     model.class_names = list(splits.classes)
     model.to(device)
     return Setup(model, splits, info, device, autocast_dtype(recipe.train.precision, device), built)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a run on ``device`` can use: the CUDA device's total memory, or the host's available memory
+    (``MemAvailable`` in /proc/meminfo, else physical memory)."""
+    import os
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
+    """A lower bound on the memory (bytes) training needs, from shapes alone (nothing is allocated).
+
+    With D the width, L the blocks, T = prefix + patch + prompt tokens (+1 with a [MASK] token), B the batch:
+    trainable prompts Np·D (·L for deep) in fp32 with their gradient and two optimizer states (4 copies), the
+    frozen backbone's weights, and the activations backpropagation keeps: at least each block's input and
+    attention output, 2·B·T·D fp32 values per block when gradients flow through the blocks (prompts, gates,
+    temperature, a learned [MASK] token, full fine-tune), one block's worth for a linear probe. The real peak is
+    higher (MLP activations, attention maps), so a run this refuses can never fit; one it accepts still may not.
+
+    Returns:
+        ``{"bytes", "tokens", "prompt_params"}``.
+    """
+    D, L = int(backbone.embed_dim), len(backbone.blocks)
+    n_patches = int(getattr(backbone.patch_embed, "num_patches", 0))
+    prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+    p = recipe.prompt
+    Np = 0 if p.mode == "none" else p.length
+    T = prefix + n_patches + Np + (0 if recipe.tokens.mask == "none" else 1)
+    prompt_params = Np * D * (L if p.mode == "deep" else 1)
+    backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
+    B = recipe.data.batch_size
+    through_blocks = recipe.train.tune != "head"
+    act = 2 * B * T * D * 4 * (L if through_blocks else 1)
+    full = 3 * backbone_bytes if recipe.train.tune == "all" else 0
+    total = 4 * prompt_params * 4 + backbone_bytes + full + act
+    return {"bytes": int(total), "tokens": T, "prompt_params": prompt_params}
+
+
+def check_memory(recipe: Recipe, backbone: torch.nn.Module, device: torch.device) -> dict:
+    """Refuse a recipe whose training cannot fit in ``device``'s memory (``estimate_memory``, a lower bound).
+
+    Returns:
+        the estimate and ``available`` (bytes).
+
+    Raises:
+        UserError: naming ``prompt.length`` when the prompt tokens dominate the sequence, else
+            ``data.batch_size``, with the estimate and what the device has.
+    """
+    est = estimate_memory(recipe, backbone)
+    have = available_memory(device)
+    est["available"] = have
+    if est["bytes"] > have:
+        gib = 1024 ** 3
+        Np = recipe.prompt.length if recipe.prompt.mode != "none" else 0
+        key = "prompt.length" if Np > est["tokens"] - Np else "data.batch_size"
+        what = (f"{Np:,d} prompt tokens" if key == "prompt.length"
+                else f"data.batch_size {recipe.data.batch_size:,d}")
+        raise UserError(f"{key}: {what} need at least {est['bytes'] / gib:,.1f} GiB to train ({est['tokens']:,d} "
+                        f"tokens per image, batch {recipe.data.batch_size}) but {device.type} has "
+                        f"{have / gib:,.1f} GiB; lower prompt.length or data.batch_size")
+    return est
 
 
 def recipe_inputs(recipe: Recipe) -> list[dict]:
@@ -202,6 +278,7 @@ def dry_run(recipe: Recipe) -> dict:
     else:
         with torch.device("meta"):
             backbone, info = build_backbone(b.name, False, None, b.kwargs, format=b.format)
+    memory = check_memory(recipe, backbone, device)
     num_classes = recipe.data.num_classes
     if recipe.data.dataset != "digits" and have.get("data.root", True):
         check_layout(recipe.data)
@@ -217,7 +294,8 @@ def dry_run(recipe: Recipe) -> dict:
         check_num_classes(recipe, len(splits.classes))
         num_classes = len(splits.classes)
     out = {"recipe": recipe.to_dict(), "inputs": inputs, "ready": all(have.values()), "device": str(device),
-           "trainable_params": None, "total_params": None, "mask_token": None}
+           "trainable_params": None, "total_params": None, "mask_token": None,
+           "memory_estimate_bytes": memory["bytes"], "memory_available_bytes": memory["available"]}
     if num_classes is None:
         out["note"] = "data not found and data.num_classes unset: model not built"
         return out

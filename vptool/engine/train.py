@@ -13,7 +13,11 @@ Run directory contract (stable; other tools read it):
   backbone) and the config that rebuilds the model without the dataset (``vptool.adapter``; ``vptool.load``).
 - ``prompt_init.safetensors``: with an SPT strategy as ``prompt.init``, the prompts the run started from
   (init-prompts format, reusable with ``prompt.init: file``).
-- ``checkpoints/last.pt``: model adapter, optimizer, scheduler, epoch and RNG states after the last epoch.
+- ``checkpoints/last.pt``: what ``--resume`` continues from (``torch.load(weights_only=True)``): ``epoch``
+  (completed), ``step`` (optimizer steps into the next epoch), the adapter, optimizer, scheduler, every RNG state
+  (torch, CUDA, Python, NumPy), the epoch's running loss/accuracy, the metrics records, and the best-so-far
+  (epoch, val_acc, and its adapter unless it is the current one). Written atomically at each epoch's end, every
+  ``output.save_every_steps`` steps, and when SIGINT/SIGTERM stops the run.
 - ``prompt_history/epoch_EEEE.safetensors`` with ``output.save_prompt_history: true``: the tensors that shape the
   prompt representations (``prompts.*``, ``gates.logit``, ``temperature``, a learned ``mask_token``) before
   training (epoch 0) and after each epoch, read by ``vptool probe-nmi --history``.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +41,8 @@ from vptool.adapter import CONFIG_NAME, write_config
 from vptool.data import make_loader
 from vptool.engine.evaluate import eval_loader, method_report, predict, topk_accuracy
 from vptool.engine.setup import Setup, autocast, prepare
-from vptool.errors import UserError
+from vptool.errors import RunError, UserError
+from vptool.paths import write_text_atomically
 from vptool.prompting.model import format_parameter_summary
 from vptool.recipe import Recipe, dump_recipe
 
@@ -58,6 +64,8 @@ class Observer:
     def extract_step(self) -> None: ...
     def kmeans_start(self, steps: int) -> None: ...
     def kmeans_step(self) -> None: ...
+    def note(self, text: str) -> None:  # a one-line notice (resuming, extending); the CLI prints it on stderr
+        log.warning(text)
 
 
 def effective_lr(recipe: Recipe) -> float:
@@ -90,140 +98,453 @@ def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.op
     return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
 
 
-def prepare_run_dir(recipe: Recipe, overwrite: bool) -> Path:
-    """The run directory path; refuses an existing one unless ``overwrite`` (nothing is written here).
+class EpochSampler(torch.utils.data.Sampler):
+    """The training order: a permutation of the N images seeded by ``seed + epoch`` (as ``DistributedSampler``
+    seeds its shuffle), starting ``start`` images in when a run resumes mid-epoch.
+
+    The order depends only on (seed, epoch), never on how many epochs ran before in this process, so a resumed
+    epoch sees exactly the batches the uninterrupted run saw.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.start = n, seed, 1, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.start)
+
+
+def run_path(recipe: Recipe) -> Path:
+    """``<output.dir>/<output.name>``.
 
     Raises:
-        UserError: the directory exists and ``overwrite`` is False.
+        UserError: ``output.dir`` (or a folder above it) is a file.
     """
-    run = Path(recipe.output.dir) / recipe.output.name
-    if run.exists() and not overwrite:
-        raise UserError(f"{run} already exists; delete it, choose another name with --set output.name=NEW, "
-                        "or pass --overwrite")
+    parent = Path(recipe.output.dir)
+    probe = parent
+    while True:
+        if probe.exists():
+            if not probe.is_dir():
+                key = "output.dir" if probe == parent else f"output.dir ({probe})"
+                raise UserError(f"{key}: {probe} is a file, not a folder; set output.dir to a folder")
+            break
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    return parent / recipe.output.name
+
+
+def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool = False) -> Path:
+    """The run directory path, checked without the lock and without writing anything (an early refusal before
+    slow work; ``train`` checks again under the lock).
+
+    Raises:
+        UserError: see ``plan_run``.
+    """
+    run = run_path(recipe)
+    plan_run(run, recipe, overwrite, resume, dry=True)
     return run
 
 
+_RESUME_FREE = {"train.epochs", "output.save_every_steps", "output.dir", "output.name"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_changes(saved: Recipe, new: Recipe) -> list[tuple[str, object, object]]:
+    """``[(key, saved value, new value)]`` for the keys that differ, except those a resume may change
+    (``train.epochs``, ``output.save_every_steps``, and ``output.dir``/``output.name``, which locate the run)."""
+    a, b = _flat(saved.to_dict()), _flat(new.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in _RESUME_FREE and a.get(k) != b.get(k)]
+
+
+class Plan:
+    """Where a train call writes (``work``), whether it resumes (``checkpoint``), and what it says first."""
+
+    def __init__(self, work: Path, final: Path, resume: bool = False, checkpoint: dict | None = None,
+                 done: dict | None = None, extend_from: int | None = None):
+        self.work, self.final, self.resume, self.checkpoint = work, final, resume, checkpoint
+        self.done, self.extend_from = done, extend_from
+
+
+def plan_run(final: Path, recipe: Recipe, overwrite: bool, resume: bool, dry: bool = False) -> Plan:
+    """Decide, from what is on disk, where this train writes; refuse what would lose or mix runs.
+
+    - no run: train into it (``--resume``: refused, nothing to resume);
+    - a finished run: refused; ``--overwrite`` trains into ``.<name>.overwrite`` and swaps it in at the end;
+      ``--resume`` with a larger ``train.epochs`` extends it, with the same returns its summary;
+    - an unfinished run (killed, failed, stopped): refused naming ``--resume`` and ``--overwrite``;
+    - ``--overwrite --resume``: continues an interrupted replacement in ``.<name>.overwrite``.
+    With ``dry`` nothing is read but the run's files' presence and nothing is removed.
+
+    Raises:
+        UserError: one line naming the run and the ways out.
+    """
+    from vptool.engine.runstate import inspect_run, load_checkpoint, overwrite_dir
+
+    st = inspect_run(final)
+    if overwrite:
+        if st.status == "absent":
+            if resume:
+                raise UserError(f"--resume: {final} does not exist; drop --resume to start the run")
+            return Plan(final, final)
+        tmp = overwrite_dir(final)
+        if not resume:
+            if tmp.exists() and not dry:
+                shutil.rmtree(tmp)  # a replacement that never finished; the lock says nobody is using it
+            return Plan(tmp, final)
+        if inspect_run(tmp).status != "unfinished":
+            raise UserError(f"--resume --overwrite: no interrupted replacement of {final} to continue ({tmp}); drop "
+                            "--resume to start the replacement over")
+        work = tmp
+    else:
+        if st.status == "absent":
+            if resume:
+                raise UserError(f"--resume: {final} does not exist; drop --resume to start the run")
+            return Plan(final, final)
+        if st.status == "foreign":
+            raise UserError(f"{final} already exists and is not a vptool run directory (no recipe.yaml); delete it, "
+                            "choose another name with --set output.name=NEW, or pass --overwrite")
+        if not resume:
+            if st.status == "finished":
+                raise UserError(f"{final} already exists (a finished run); choose another name with --set "
+                                "output.name=NEW, or replace it with --overwrite (the old run stays until the new "
+                                "one finishes)")
+            raise UserError(f"{final} exists and has not finished ({st.describe()}); continue it with --resume, "
+                            "replace it with --overwrite, or choose another name with --set output.name=NEW")
+        work = final
+    if dry:
+        return Plan(work, final, resume=True)
+    from vptool.recipe import read_yaml, resolve_saved
+
+    saved_path = work / "recipe.yaml"
+    saved = resolve_saved(read_yaml(saved_path), source=str(saved_path))
+    changes = recipe_changes(saved, recipe)
+    if changes:
+        key, old, new = changes[0]
+        more = f" (and {len(changes) - 1} more key(s))" if len(changes) > 1 else ""
+        raise UserError(f"--resume: the recipe differs from {saved_path} in {key} ({old!r} -> {new!r}){more}; only "
+                        "train.epochs may change on resume: drop the change, or start a new run with --set "
+                        "output.name=NEW")
+    ckpt_path = work / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    done_epochs = ckpt["epoch"] if ckpt else 0
+    if recipe.train.epochs < done_epochs:
+        raise UserError(f"train.epochs: {recipe.train.epochs} but {work} has trained {done_epochs} epochs; "
+                        f"--resume needs train.epochs >= {done_epochs}")
+    if recipe.train.epochs <= recipe.train.warmup_epochs:
+        raise UserError(f"train.epochs: {recipe.train.epochs} must be above train.warmup_epochs")
+    if (work / "summary.json").is_file():
+        if ckpt is None:
+            raise UserError(f"--resume: {work} finished but has no checkpoints/last.pt to extend")
+        if recipe.train.epochs == done_epochs:
+            from vptool.engine.runstate import read_json
+
+            return Plan(work, final, resume=True, done=read_json(work / "summary.json"))
+        return Plan(work, final, resume=True, checkpoint=ckpt, extend_from=done_epochs)
+    return Plan(work, final, resume=True, checkpoint=ckpt)
+
+
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_finite(tensors) -> bool:
+    ts = [t for t in tensors if t is not None]
+    return not ts or bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+
+
 def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = None,
-          setup: Setup | None = None) -> dict:
+          setup: Setup | None = None, resume: bool = False, resume_command: str | None = None) -> dict:
     """Train a recipe and write its run directory; returns the summary.
 
+    Run-directory safety (``vptool.engine.runstate``): an exclusive lock for the run, atomic files, ``--overwrite``
+    into a sibling folder swapped in only when the new run finished, ``resume`` from ``checkpoints/last.pt``
+    (adapter, optimizer, scheduler, epoch and step, best-so-far, every RNG state: on CPU a resumed run's files
+    are bitwise those of an uninterrupted one), SIGINT/SIGTERM stop after the current step with a checkpoint.
+
+    Args:
+        resume: continue the run's checkpoint (see ``plan_run`` for what may differ from its recipe).
+        resume_command: the command the stop message tells the user to run (default ``vptool train RUN --resume``).
+
     Raises:
-        UserError: bad input found while building (nothing is written, an existing run is kept).
+        UserError: bad input (exit 2), found before anything is written when it is in the recipe or on disk.
+        RunError: the run failed (exit 1): a non-finite loss, gradient or parameter, with the epoch, step and lr.
+        Interrupted: SIGINT/SIGTERM (exit 130/143), after writing ``checkpoints/last.pt``.
     """
+    from vptool.engine.runstate import RunLock, StopSignals, recover_swap, swap_in
+
     obs = observer or Observer()
     t_start = time.time()
-    run = prepare_run_dir(recipe, overwrite)
-    setup = setup or prepare(recipe, observer=obs)  # every input error surfaces here, before anything is written
-    if run.exists():  # --overwrite: the old run goes only now that the new one is known to build
-        shutil.rmtree(run)
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "recipe.yaml").write_text(dump_recipe(recipe))
-    if setup.prompt_init is not None:  # the SPT prompts this run started from, for provenance and reuse
-        from vptool.engine.init_prompts import write_prompt_file
+    final = run_path(recipe)
+    with RunLock(final):
+        recover_swap(final)
+        plan = plan_run(final, recipe, overwrite, resume)
+        if plan.done is not None:
+            obs.note(f"{final} finished already ({recipe.train.epochs} epochs); nothing to resume (extend it with "
+                     "--set train.epochs=N)")
+            return plan.done
+        resuming = plan.checkpoint is not None
+        # every input error surfaces here, before anything is written; a resume skips the SPT prompt build
+        setup = setup or prepare(recipe, observer=obs, for_adapter=resuming)
+        work = plan.work
+        if plan.extend_from is not None:
+            obs.note(f"extending {final} from {plan.extend_from} to {recipe.train.epochs} epochs; the cosine "
+                     f"schedule is recomputed over {recipe.train.epochs} epochs")
+            os.replace(work / "summary.json", work / "checkpoints" / "previous_summary.json")
+        elif resuming:
+            obs.note(f"resuming {final} after epoch {plan.checkpoint['epoch']}"
+                     + (f" + {plan.checkpoint['step']} steps" if plan.checkpoint["step"] else ""))
+        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_text_atomically(work / "recipe.yaml", dump_recipe(recipe))
+        if setup.prompt_init is not None:  # the SPT prompts this run started from, for provenance and reuse
+            from vptool.engine.init_prompts import write_prompt_file
 
-        write_prompt_file(run / "prompt_init.safetensors", *setup.prompt_init)
-    try:
-        return _fit(recipe, setup, run, obs, t_start)
-    except UserError:  # bad input found mid-run (e.g. a corrupt image): leave no half-written run behind
-        shutil.rmtree(run, ignore_errors=True)
-        raise
+            write_prompt_file(work / "prompt_init.safetensors", *setup.prompt_init, overwrite=True)
+        command = resume_command or f"vptool train {final} --resume"
+        with StopSignals() as stop:
+            summary = _fit(recipe, setup, work, final, obs, t_start, plan.checkpoint, stop, command)
+        if work != final:
+            swap_in(work, final)
+        return summary
 
 
-def _fit(recipe: Recipe, setup: Setup, run: Path, obs: Observer, t_start: float) -> dict:
-    """The epochs, the best-validation adapter, the test evaluation and the run files."""
+def _nonfinite(what: str, value, epoch: int, step: int, steps: int, lr: float, best: dict, recipe: Recipe,
+               work: Path) -> RunError:
+    kept = (f"the best adapter so far (epoch {best['epoch']}, val {best['val_acc']:.2f}%) is kept in "
+            f"{work / 'adapter.safetensors'}" if best["epoch"] else "no model was saved")
+    return RunError(f"non-finite {what} ({value}) at epoch {epoch}, step {step}/{steps}, lr {lr:.3g}: training "
+                    f"stopped; likely cause: train.lr {recipe.train.lr:g} is too high (try 10x lower) or the data "
+                    f"holds NaN/inf; {kept}; start again with --overwrite")
+
+
+class _Stop(Exception):
+    """Raised inside an evaluation loop when a stop signal arrived."""
+
+
+def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_start: float,
+         ckpt: dict | None, stop, resume_command: str) -> dict:
+    """The epochs, the best-validation adapter, the test evaluation and the run files (written into ``run``;
+    ``final`` is the name they will have)."""
+    from vptool.engine.runstate import CHECKPOINT, CHECKPOINT_FORMAT, Interrupted, dumps_strict, fault, save_checkpoint
+
     model, splits, device, amp = setup.model, setup.splits, setup.device, setup.amp_dtype
     if device.type == "cpu":  # bitwise repeatable on CPU; on CUDA, speed wins (cuBLAS/SDPA kernels may vary)
         torch.use_deterministic_algorithms(True, warn_only=True)
     trainable, total = model.parameter_summary()
-    obs.run_start({"run_dir": str(run), "device": str(device), "amp": str(amp) if amp else "fp32",
+    obs.run_start({"run_dir": str(final), "device": str(device), "amp": str(amp) if amp else "fp32",
                    "params": format_parameter_summary(trainable, total), "train_images": len(splits.train),
                    "val_images": len(splits.val), "test_images": len(splits.test), "classes": len(splits.classes)})
     log.info(format_parameter_summary(trainable, total))
 
-    d = recipe.data
-    train_loader = make_loader(splits.train, d.batch_size, shuffle=True, num_workers=d.num_workers,
-                               seed=recipe.seed, pin_memory=device.type == "cuda")
+    d, t = recipe.data, recipe.train
+    sampler = EpochSampler(len(splits.train), recipe.seed)
+    train_loader = make_loader(splits.train, d.batch_size, shuffle=False, num_workers=d.num_workers,
+                               seed=recipe.seed, pin_memory=device.type == "cuda", sampler=sampler)
     val_loader = eval_loader(setup, recipe, "val")
-    optimizer = make_optimizer(recipe, model.trainable_parameters())
-    steps_per_epoch = len(train_loader)
-    total_steps = recipe.train.epochs * steps_per_epoch
-    warmup_steps = recipe.train.warmup_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
-    fwd = torch.compile(model) if recipe.train.compile else model
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(recipe, params)
+    steps = math.ceil(len(splits.train) / d.batch_size)
+    epochs = t.epochs
+    total_steps, warmup_steps = epochs * steps, t.warmup_epochs * steps
+
+    def factor(s: int) -> float:
+        return lr_factor(s, total_steps, warmup_steps)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    fwd = torch.compile(model) if t.compile else model
     adapter_meta = {"vptool_version": vptool.__version__, "method": recipe.method, "backbone": setup.backbone.name}
-    metrics_path = run / "metrics.jsonl"
-    metrics_path.write_text("")
-    best_acc, best_epoch, best_state = -1.0, 0, None
+    adapter_path, metrics_path = run / "adapter.safetensors", run / "metrics.jsonl"
     history = recipe.output.save_prompt_history and model.prompts is not None
     if history:
         from vptool.engine.probe import save_snapshot
-
+    records: list[dict] = []
+    best: dict = {"epoch": 0, "val_acc": -1.0}
+    best_state = None
+    running = {"loss_sum": 0.0, "correct": 0, "seen": 0, "lr": None}
+    start_epoch, start_step = 1, 0
+    if ckpt is not None:
+        if ckpt["steps_per_epoch"] != steps:
+            raise UserError(f"{run / CHECKPOINT}: the training split has changed since the checkpoint "
+                            f"({ckpt['steps_per_epoch']} steps per epoch then, {steps} now); restore the data or "
+                            "start over with --overwrite")
+        model.load_adapter_state_dict(ckpt["adapter"], source=str(run / CHECKPOINT))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["epochs"] != epochs:  # extended: the next step's lr comes from the new schedule
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * factor(scheduler.last_epoch)
+        records = [dict(r) for r in ckpt["records"]]
+        best = dict(ckpt["best"])
+        if ckpt["best_adapter"] is not None:
+            best_state = ckpt["best_adapter"]
+        elif best["epoch"]:
+            best_state = model.adapter_state_dict()
+        start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
+        if start_step:
+            running = dict(ckpt["running"])
+        if best_state is not None:  # a killed attempt may have written a later epoch's adapter: put back the best
+            model_state = model.adapter_state_dict()
+            model.load_adapter_state_dict(best_state)
+            model.save_adapter(str(adapter_path), {**adapter_meta, "epoch": str(best["epoch"])})
+            model.load_adapter_state_dict(model_state)
+        _set_rng_state(ckpt["rng"])
+    elif history:
         save_snapshot(model, run, 0)
-    for epoch in range(1, recipe.train.epochs + 1):
+    write_text_atomically(metrics_path, "".join(dumps_strict(r) + "\n" for r in records))
+
+    def checkpoint(epoch_done: int, step: int) -> None:
+        current_is_best = best["epoch"] == epoch_done and step == 0 and best["epoch"] > 0
+        state = {"format": CHECKPOINT_FORMAT, "epoch": epoch_done, "step": step, "epochs": epochs,
+                 "steps_per_epoch": steps, "adapter": model.adapter_state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                 "running": dict(running), "records": [dict(r) for r in records], "best": dict(best),
+                 "best_adapter": None if current_is_best else best_state}
+        save_checkpoint(run / CHECKPOINT, state)
+
+    def stopped(where: str) -> Interrupted:
+        return Interrupted(f"stopped by {stop.name} {where}; checkpoint written to {run / CHECKPOINT}; continue "
+                           f"with: {resume_command}", stop.signum)
+
+    every = recipe.output.save_every_steps
+    global_step = scheduler.last_epoch
+    lr = running["lr"] if running["lr"] is not None else optimizer.param_groups[0]["lr"]
+    for epoch in range(start_epoch, epochs + 1):
         t0 = time.time()
+        skip = start_step if epoch == start_epoch else 0
+        if not skip:
+            running = {"loss_sum": 0.0, "correct": 0, "seen": 0, "lr": None}
+        sampler.set_epoch(epoch, skip * d.batch_size)
         model.train()
-        obs.epoch_start(epoch, recipe.train.epochs, steps_per_epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
+        obs.epoch_start(epoch, epochs, steps)
+        step = skip
         for x, y in train_loader:
             x = x.to(device, non_blocking=True)
             y = torch.as_tensor(y).to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = fwd(x)
             loss = F.cross_entropy(logits.float(), y)
+            value = loss.item()
+            lr = optimizer.param_groups[0]["lr"]
+            if not math.isfinite(value):
+                raise _nonfinite("loss", value, epoch, step + 1, steps, lr, best, recipe, run)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            lr = optimizer.param_groups[0]["lr"]
+            if not _all_finite(p.grad for p in params):
+                raise _nonfinite("gradient", "nan/inf", epoch, step + 1, steps, lr, best, recipe, run)
             optimizer.step()
             model.constrain_()  # keep the learnable temperature in range (GateVPT official clamp)
             scheduler.step()
+            if not _all_finite(params):
+                raise _nonfinite("parameters after the optimizer step", "nan/inf", epoch, step + 1, steps, lr, best,
+                                 recipe, run)
+            step += 1
+            global_step += 1
             n = y.shape[0]
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(dim=1) == y).sum().item()
-            seen += n
-            obs.step(loss.item(), 100.0 * correct / seen, lr)
-        val_logits, val_labels = predict(fwd, val_loader, device, amp)
+            running["loss_sum"] += value * n
+            running["correct"] += int((logits.argmax(dim=1) == y).sum().item())
+            running["seen"] += n
+            running["lr"] = lr
+            obs.step(value, 100.0 * running["correct"] / running["seen"], lr)
+            fault("step")
+            if stop.signum:
+                checkpoint(epoch - 1, step)
+                raise stopped(f"at epoch {epoch}, step {step}/{steps}")
+            if every and global_step % every == 0 and step < steps:
+                checkpoint(epoch - 1, step)
+
+        def on_val() -> None:
+            fault("val")
+            if stop.signum:
+                raise _Stop
+
+        try:
+            val_logits, val_labels = predict(fwd, val_loader, device, amp, on_batch=on_val)
+        except _Stop:
+            checkpoint(epoch - 1, steps)
+            raise stopped(f"during validation of epoch {epoch}") from None
         val_acc = topk_accuracy(val_logits, val_labels, 1)
-        record = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-                  "val_acc": val_acc, "seconds": round(time.time() - t0, 3)}
-        with metrics_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
+        lr = running["lr"] if running["lr"] is not None else lr
+        seen = max(running["seen"], 1)
+        record = {"epoch": epoch, "lr": lr, "train_loss": running["loss_sum"] / seen,
+                  "train_acc": 100.0 * running["correct"] / seen, "val_acc": val_acc,
+                  "seconds": round(time.time() - t0, 3)}
+        records.append(record)
+        write_text_atomically(metrics_path, "".join(dumps_strict(r) + "\n" for r in records))
+        if val_acc > best["val_acc"]:
+            best = {"epoch": epoch, "val_acc": val_acc}
             best_state = model.adapter_state_dict()
-            model.save_adapter(str(run / "adapter.safetensors"), {**adapter_meta, "epoch": str(epoch)})
-        torch.save({"epoch": epoch, "adapter": model.adapter_state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                    "loader_generator": train_loader.generator.get_state(),
-                    "best": {"epoch": best_epoch, "val_acc": best_acc}},
-                   run / "checkpoints" / "last.pt")
+            model.save_adapter(str(adapter_path), {**adapter_meta, "epoch": str(epoch)})
         if history:
             save_snapshot(model, run, epoch)
+        checkpoint(epoch, 0)
         obs.epoch_end(record)
+        if stop.signum:
+            raise stopped(f"after epoch {epoch}")
 
     model.load_adapter_state_dict(best_state)
     test_loader = eval_loader(setup, recipe, "test")
     obs.eval_start("test", len(test_loader))
-    logits, labels = predict(fwd, test_loader, device, amp, on_batch=obs.eval_step)
+
+    def on_test() -> None:
+        obs.eval_step()
+        fault("test")
+        if stop.signum:
+            raise _Stop
+
+    try:
+        logits, labels = predict(fwd, test_loader, device, amp, on_batch=on_test)
+    except _Stop:
+        raise stopped("during the test evaluation") from None
     summary = {
-        "best_epoch": best_epoch, "val_acc": best_acc,
+        "best_epoch": best["epoch"], "val_acc": best["val_acc"],
         "test_top1": topk_accuracy(logits, labels, 1), "test_top5": topk_accuracy(logits, labels, 5),
         "trainable_params": trainable, "total_params": total, "seconds": round(time.time() - t_start, 3),
         "vptool_version": vptool.__version__, "method": recipe.method, "device": str(device),
         "backbone": {"name": setup.backbone.name, "checkpoint": setup.backbone.checkpoint,
                      "checkpoint_sha256": setup.backbone.checkpoint_sha256, "format": setup.backbone.format,
                      "mean": setup.backbone.data_config.get("mean"), "std": setup.backbone.data_config.get("std")},
-        "run_dir": str(run),
+        "run_dir": str(final),
         **method_report(model),
     }
     model.adapter_info["metrics"] = {k: summary[k] for k in ("best_epoch", "val_acc", "test_top1", "test_top5")}
     write_config(model, run / CONFIG_NAME)
-    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(run / "summary.json", json.dumps(json.loads(dumps_strict(summary)), indent=2) + "\n")
     obs.run_end(summary)
     return summary

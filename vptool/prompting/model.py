@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vptool.errors import UserError
 from vptool.options import (
@@ -554,8 +554,16 @@ class PromptedViT(nn.Module):
                     mod.copy_(sd[prefix])
 
     def save_adapter(self, path: str, metadata: dict[str, str] | None = None) -> None:
-        """Write the adapter tensors to ``path`` (safetensors, metadata ``format: pt``)."""
-        save_file(self.adapter_state_dict(), path, metadata={"format": "pt", **(metadata or {})})
+        """Write the adapter tensors to ``path`` atomically (safetensors, metadata ``format: pt``).
+
+        Raises:
+            RunError: a tensor holds NaN or inf (a diverged model is never saved).
+        """
+        from vptool.paths import write_safetensors
+
+        sd = self.adapter_state_dict()
+        check_finite(sd, path)
+        write_safetensors(path, sd, {"format": "pt", **(metadata or {})})
 
     def load_adapter(self, path: str) -> None:
         """Read an adapter written by ``save_adapter``.
@@ -663,6 +671,15 @@ def _backbone_data_config(backbone: nn.Module) -> dict:
 
     cfg = resolve_model_data_config(backbone)
     return {"input_size": (3, *backbone.patch_embed.img_size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raises RunError naming the first tensor of ``tensors`` that holds NaN or inf (nothing is written)."""
+    from vptool.errors import RunError
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RunError(f"{where}: not written: tensor {name} holds NaN or inf (the model diverged; lower train.lr)")
 
 
 def format_parameter_summary(trainable: int, total: int) -> str:
