@@ -430,6 +430,8 @@ def eval_(
     device: Annotated[Optional[str], typer.Option(help="Override train.device (auto, cpu, cuda).")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="Also write PNGs: the confusion matrix and, for gated "
                                         "prompts, the selection ratio per block (GateVPT Fig. 4).")] = False,
+    last: Annotated[bool, typer.Option("--last", help="Evaluate checkpoints/last.pt (the latest epoch, not the "
+                                       "best): the way to look at a run that has not finished.")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -454,18 +456,23 @@ def eval_(
         raise UserError(f"--split: {split!r} is not train, val or test")
     if save_logits is not None:
         check_new_file(save_logits, "--save-logits", ".npy", overwrite)
-    recipe, setup = load_run(run_dir, device)
+    recipe, setup = load_run(run_dir, device, last=last)
     loader = eval_loader(setup, recipe, split)
     logits, labels = predict(setup.model, loader, setup.device, setup.amp_dtype)
     result = {"run_dir": str(run_dir), "split": split, "images": int(labels.shape[0]),
               "top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5),
               **method_report(setup.model)}
+    if setup.checkpoint is not None:
+        result["checkpoint"] = {"path": str(Path(run_dir) / "checkpoints" / "last.pt"), **setup.checkpoint}
+        split_name = f"{split}_last"
+    else:
+        split_name = split
     report = classification_report(logits, labels, setup.splits.classes)
     result["mean_per_class_accuracy"] = report["mean_per_class_accuracy"]
     if save_logits is not None:
         np.save(save_logits, logits.numpy().astype(np.float32))
         result["logits"] = str(save_logits)
-    result["outputs"] = write_eval_report(run_dir, split, result, report, plots)
+    result["outputs"] = write_eval_report(run_dir, split_name, result, report, plots)
     if json_out:
         print(json.dumps(result))
     else:

@@ -71,12 +71,14 @@ def eval_loader(setup: Setup, recipe: Recipe, split: str) -> DataLoader:
                        pin_memory=setup.device.type == "cuda")
 
 
-def load_run(run_dir: str | Path, device: str | None = None, train_eval_transform: bool = False
-             ) -> tuple[Recipe, Setup]:
+def load_run(run_dir: str | Path, device: str | None = None, train_eval_transform: bool = False,
+             last: bool = False) -> tuple[Recipe, Setup]:
     """Rebuild a trained model from a run directory (``vptool.adapter.load``: ``adapter_config.json`` +
     ``adapter.safetensors`` + the backbone, sha256-checked) and its data splits (``recipe.yaml``'s ``data``).
 
     ``train_eval_transform``: the training split uses the deterministic eval transform (analysis of train).
+    ``last``: the adapter of ``checkpoints/last.pt`` (the latest epoch, not the best one), rebuilt from
+    ``recipe.yaml``; the only way to evaluate a run that has not finished (no ``summary.json``).
 
     Raises:
         UserError: not a run directory, its files do not match each other, a backbone checkpoint that is
@@ -93,8 +95,27 @@ def load_run(run_dir: str | Path, device: str | None = None, train_eval_transfor
         raise UserError(f"{run}: run directory not found; pass the folder `vptool train` wrote (e.g. runs/quickstart)")
     if not (run / "recipe.yaml").is_file():
         raise UserError(f"{run}: no recipe.yaml; is this a finished vptool run directory?")
+    from vptool.engine.runstate import CHECKPOINT, load_checkpoint, read_json
+
     recipe = resolve_saved(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
     dev = resolve_device(device or recipe.train.device)
+    if last:
+        ckpt_path = run / CHECKPOINT
+        if not ckpt_path.is_file():
+            raise UserError(f"{ckpt_path}: not found; the run stopped before its first checkpoint: continue it with "
+                            f"vptool train {run} --resume")
+        from vptool.engine.setup import prepare
+
+        ckpt = load_checkpoint(ckpt_path)
+        setup = prepare(recipe, dev, for_adapter=True, train_eval_transform=train_eval_transform, check_mem=False)
+        setup.model.load_adapter_state_dict(ckpt["adapter"], source=str(ckpt_path))
+        setup.model.eval()
+        setup.checkpoint = {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"])}
+        return recipe, setup
+    if not (run / "summary.json").is_file():
+        raise UserError(f"{run}: the run has not finished (no summary.json); finish it with vptool train {run} "
+                        "--resume (vptool eval --last evaluates its last checkpoint)")
+    read_json(run / "summary.json")  # a truncated summary is named, not ignored
     model, info, _ = load_with_info(run, dev)
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=train_eval_transform)
     return recipe, Setup(model, splits, info, dev, autocast_dtype(recipe.train.precision, dev))

@@ -4,7 +4,8 @@ Guarantees (README "Faults and resuming"):
 
 - One ``vptool train`` per run directory at a time: an exclusive ``fcntl.flock`` on ``<output.dir>/.<name>.lock``,
   taken before anything else is written (and the file removed at the end); the kernel drops it when the process
-  dies, even by SIGKILL, so a lock is never stale. A second train of the same run exits 2 at once, naming the lock file and the holder's pid.
+  dies, even by SIGKILL, so a lock is never stale. A second train of the same run exits 2 at once, naming the
+  lock file and the holder's pid.
 - Every file is replaced atomically (temporary file, fsync, rename; ``write_bytes_durably``): a kill at any
   moment leaves either the old file or the new one, never half of one.
 - ``--overwrite`` trains into the sibling ``<output.dir>/.<name>.overwrite`` and swaps it in only when the new run
@@ -53,6 +54,11 @@ class Interrupted(RunError):
 
 # --------------------------------------------------------------------------------------------------- faults
 _fault_counts: dict[str, int] = {}
+
+
+def reset_faults() -> None:
+    """Start counting ``VPTOOL_FAULT`` points from zero (each train call counts its own)."""
+    _fault_counts.clear()
 
 
 def fault(point: str) -> None:

@@ -73,6 +73,7 @@ class Setup:
     device: torch.device
     amp_dtype: torch.dtype | None
     prompt_init: tuple[str, torch.Tensor, dict] | None = None  # (name, tensor, metadata) built by an SPT strategy
+    checkpoint: dict | None = None  # {"epoch", "step"} when the model came from checkpoints/last.pt (eval --last)
 
 
 #: ``PromptedViT`` keyword -> the recipe key that sets it (``attention.temperature_min/max`` give the range).

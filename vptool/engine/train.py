@@ -362,7 +362,10 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
          ckpt: dict | None, stop, resume_command: str) -> dict:
     """The epochs, the best-validation adapter, the test evaluation and the run files (written into ``run``;
     ``final`` is the name they will have)."""
-    from vptool.engine.runstate import CHECKPOINT, CHECKPOINT_FORMAT, Interrupted, dumps_strict, fault, save_checkpoint
+    from vptool.engine import runstate
+    from vptool.engine.runstate import CHECKPOINT, CHECKPOINT_FORMAT, Interrupted, dumps_strict, fault
+
+    runstate.reset_faults()
 
     model, splits, device, amp = setup.model, setup.splits, setup.device, setup.amp_dtype
     if device.type == "cpu":  # bitwise repeatable on CPU; on CUDA, speed wins (cuBLAS/SDPA kernels may vary)
@@ -436,7 +439,7 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                  "running": dict(running), "records": [dict(r) for r in records], "best": dict(best),
                  "best_adapter": None if current_is_best else best_state}
-        save_checkpoint(run / CHECKPOINT, state)
+        runstate.save_checkpoint(run / CHECKPOINT, state)
 
     def stopped(where: str) -> Interrupted:
         return Interrupted(f"stopped by {stop.name} {where}; checkpoint written to {run / CHECKPOINT}; continue "
