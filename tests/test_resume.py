@@ -65,6 +65,8 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
     a, b = json.loads((run / "summary.json").read_text()), json.loads((reference / "summary.json").read_text())
     for k in ("best_epoch", "val_acc", "test_top1", "test_top5"):
         assert a[k] == b[k], k
+    ca, cb = (json.loads((r / "adapter_config.json").read_text()) for r in (run, reference))
+    assert ca["model"] == cb["model"] and ca["metrics"] == cb["metrics"]  # a resumed run rebuilds the same model
 
 
 # --- kill -9 at three points, then --resume: bitwise the uninterrupted run -----------------------------------------

@@ -291,8 +291,8 @@ def _backbone(rec: dict, backbone_checkpoint: str | Path | None):
                                         format=rec.get("format") or "auto")
     got = info.checkpoint_sha256
     if want and got != want:
-        raise UserError(f"backbone checkpoint {info.checkpoint} has sha256 {got}, but the adapter was trained on "
-                        f"the file with sha256 {want}; {how} with that file")
+        raise UserError(f"backbone checkpoint {info.checkpoint} has sha256 {got[:12]}..., but the adapter was "
+                        f"trained on sha256 {want}; {how} with that file")
     if not want and backbone_checkpoint is not None:
         log.warning("the adapter records no backbone checkpoint (random init); %s is loaded unchecked", ckpt)
     return backbone, info

@@ -17,13 +17,59 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
 
 from vptool import __version__
 from vptool.errors import RecipeError, RunError, UserError
 from vptool.paths import check_new_file
 
+
+def _click_exceptions():
+    """The click exceptions module Typer raises (Typer >= 0.22 vendors click as ``typer._click``)."""
+    import typer.core
+
+    vendored = getattr(typer.core, "_click", None)
+    if vendored is not None:
+        return vendored.exceptions
+    import click
+
+    return click.exceptions
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Typer's group whose usage errors (unknown option, bad option value, missing argument) are one
+    ``error:`` line on stderr and exit 2, like every other bad input, instead of a multi-line box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        cx = _click_exceptions()
+        no_args = getattr(cx, "NoArgsIsHelpError", ())
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except no_args as exc:
+            if not standalone_mode:
+                raise
+            exc.show()
+            sys.exit(exc.exit_code)
+        except cx.ClickException as exc:
+            if not standalone_mode:
+                raise
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "vptool"
+            message = exc.format_message().strip().rstrip(".")
+            err.print(_bounded(f"error: {message}; see {where} --help"), markup=False)
+            sys.exit(exc.exit_code)
+        except getattr(cx, "Abort", typer.Abort):
+            if not standalone_mode:
+                raise
+            err.print("error: aborted", markup=False)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
 app = typer.Typer(
-    name="vptool",
+    name="vptool", cls=OneLineUsageErrors,
     help="Visual prompt tuning of frozen, pretrained Vision Transformers (VPT, GateVPT, SPT, VPTM).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -110,9 +156,17 @@ def cli_errors(fn):
             if debug:
                 raise
             _fail(_os_error_line(exc), 1)
+        except MemoryError:
+            if debug:
+                raise
+            _fail("out of host memory; lower data.batch_size, data.eval_batch_size or prompt.length (an "
+                  "interrupted run continues with --resume)", 1)
         except Exception as exc:  # a bug or an environment failure: exit 1, short message
             if debug:
                 raise
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch
+                _fail("out of GPU memory; lower data.batch_size, data.eval_batch_size or prompt.length, or set "
+                      "train.precision: bf16 (an interrupted run continues with --resume)", 1)
             _fail(f"{type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)", 1)
 
     return wrapper
@@ -215,6 +269,9 @@ def train(
     from vptool.recipe import dump_recipe, load_recipe, load_run_recipe
 
     if recipe.is_dir():
+        if not (recipe / "recipe.yaml").is_file():
+            raise UserError(f"{recipe}: is a folder, not a recipe or a run directory (no recipe.yaml); pass a YAML "
+                            "recipe (see recipes/)")
         if not resume and not dry_run:
             raise UserError(f"{recipe}: is a run directory; continue it with --resume, or pass a YAML recipe")
         r = load_run_recipe(recipe, set_ or [])
@@ -470,7 +527,15 @@ def eval_(
     report = classification_report(logits, labels, setup.splits.classes)
     result["mean_per_class_accuracy"] = report["mean_per_class_accuracy"]
     if save_logits is not None:
-        np.save(save_logits, logits.numpy().astype(np.float32))
+        from vptool.paths import write_atomically
+
+        arr = logits.numpy().astype(np.float32)
+
+        def write_npy(tmp):
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr)
+
+        write_atomically(save_logits, write_npy)
         result["logits"] = str(save_logits)
     result["outputs"] = write_eval_report(run_dir, split_name, result, report, plots)
     if json_out:

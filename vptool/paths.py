@@ -54,6 +54,9 @@ def write_atomically(path: str | Path, write) -> Path:
         finally:
             os.close(fd)
         os.replace(tmp, p)
+    except OSError as exc:  # name the file the user asked for (a failed write() names none, or the temporary)
+        raise OSError(exc.errno, exc.strerror or f"write failed ({exc}: disk full or file size limit?)",
+                      str(p)) from None
     finally:
         tmp.unlink(missing_ok=True)
     try:

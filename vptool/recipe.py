@@ -454,13 +454,14 @@ SIZE_KWARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_
 
 
 def backbone_kwargs_problems(kwargs: dict) -> list[str]:
-    """``backbone.kwargs`` size arguments that cannot build a ViT (``depth: -1``, ``embed_dim: 0``, ...)."""
+    """``backbone.kwargs`` size arguments that cannot build a ViT (``depth: -1``, ``embed_dim: 0``, ...): each
+    must be a positive integer or a non-empty list of them (a pair for ``img_size``, per-stage lists elsewhere)."""
     out = []
     for k in SIZE_KWARGS:
         if k not in kwargs:
             continue
         v = kwargs[k]
-        values = v if k == "img_size" and isinstance(v, (list, tuple)) and len(v) == 2 else [v]
+        values = list(v) if isinstance(v, (list, tuple)) and len(v) > 0 else [v]
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values):
             out.append(f"backbone.kwargs.{k}: {short_repr(v)} must be a positive integer")
     mlp = kwargs.get("mlp_ratio")
@@ -619,8 +620,9 @@ class RecipeLoader(yaml.SafeLoader):
                 key = key_node.value
                 line = key_node.start_mark.line + 1
                 if key in seen:
-                    raise YamlProblem(f"key {key[:80]!r} appears twice in one mapping (lines {seen[key]} and "
-                                      f"{line}); YAML would silently drop the first: merge them into one", line)
+                    where = f" (lines {seen[key]} and {line})" if seen[key] != line else ""
+                    raise YamlProblem(f"key {key[:80]!r} appears twice in one mapping{where}; YAML would silently "
+                                      "drop the first: merge them into one", line)
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 

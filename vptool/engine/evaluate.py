@@ -98,7 +98,7 @@ def load_run(run_dir: str | Path, device: str | None = None, train_eval_transfor
     from vptool.engine.runstate import CHECKPOINT, load_checkpoint, read_json
 
     recipe = resolve_saved(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
-    dev = resolve_device(device or recipe.train.device)
+    dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
     if last:
         ckpt_path = run / CHECKPOINT
         if not ckpt_path.is_file():

@@ -139,7 +139,7 @@ def open_target(path: str | Path, prompts_file: str | Path | None = None, sets: 
     elif p.is_file() and p.suffix in (".yaml", ".yml"):
         recipe = load_recipe(p, sets or [])
         _require_prompts(recipe)  # before the model is built (an SPT init would run k-means)
-        dev = resolve_device(device or recipe.train.device)
+        dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
         setup = prepare(recipe, dev, for_adapter=prompts_file is not None, train_eval_transform=True, check_mem=False)
         kind = "recipe"
         what = f"init: {recipe.prompt.init}" + (f" ({recipe.prompt.init_file})" if recipe.prompt.init == "file"

@@ -99,20 +99,26 @@ def write_bytes_durably(path: Path, data: bytes, fault_point: str | None = None)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            half = len(data) // 2
-            fh.write(data[:half])
-            if fault_point:
-                fh.flush()
-                fault(fault_point)
-            fh.write(data[half:])
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_tmp(tmp, data, fault_point)
         os.replace(tmp, path)
+    except OSError as exc:  # a failed write() carries no file name: name the file being written
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
     return path
+
+
+def _write_tmp(tmp: Path, data: bytes, fault_point: str | None) -> None:
+    with open(tmp, "wb") as fh:
+        half = len(data) // 2
+        fh.write(data[:half])
+        if fault_point:
+            fh.flush()
+            fault(fault_point)
+        fh.write(data[half:])
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def save_checkpoint(path: Path, state: dict) -> Path:

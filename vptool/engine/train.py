@@ -323,6 +323,8 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
         resuming = plan.checkpoint is not None
         # every input error surfaces here, before anything is written; a resume skips the SPT prompt build
         setup = setup or prepare(recipe, observer=obs, for_adapter=resuming)
+        if resuming and "prompt_init" in setup.model.options:  # the prompts come from last.pt; record the recipe's
+            setup.model.options["prompt_init"] = recipe.prompt.init
         work = plan.work
         if plan.extend_from is not None:
             obs.note(f"extending {final} from {plan.extend_from} to {recipe.train.epochs} epochs; the cosine "
@@ -471,7 +473,13 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
             loss.backward()
             if not _all_finite(p.grad for p in params):
                 raise _nonfinite("gradient", "nan/inf", epoch, step + 1, steps, lr, best, recipe, run)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as exc:  # e.g. AdamW's step size lr / (1 - beta^t) past the float range
+                if "overflow" not in str(exc):
+                    raise
+                raise _nonfinite("update (the step size overflows)", "inf", epoch, step + 1, steps, lr, best,
+                                 recipe, run) from None
             model.constrain_()  # keep the learnable temperature in range (GateVPT official clamp)
             scheduler.step()
             if not _all_finite(params):
