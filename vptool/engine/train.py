@@ -432,7 +432,6 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         _set_rng_state(ckpt["rng"])
     elif history:
         save_snapshot(model, run, 0)
-    write_text_atomically(metrics_path, "".join(dumps_strict(r) + "\n" for r in records))
 
     def checkpoint(epoch_done: int, step: int) -> None:
         current_is_best = best["epoch"] == epoch_done and step == 0 and best["epoch"] > 0
@@ -443,10 +442,26 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
                  "best_adapter": None if current_is_best else best_state}
         runstate.save_checkpoint(run / CHECKPOINT, state)
 
+    def evaluate(loader, point: str, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` over ``loader``; a stop signal abandons it (raises ``_Stop``) at the next batch."""
+
+        def batch() -> None:
+            if on_batch is not None:
+                on_batch()
+            fault(point)
+            if stop.signum:
+                raise _Stop
+
+        return predict(fwd, loader, device, amp, on_batch=batch)
+
+    def write_metrics() -> None:
+        write_text_atomically(metrics_path, "".join(dumps_strict(r) + "\n" for r in records))
+
     def stopped(where: str) -> Interrupted:
         return Interrupted(f"stopped by {stop.name} {where}; checkpoint written to {run / CHECKPOINT}; continue "
                            f"with: {resume_command}", stop.signum)
 
+    write_metrics()  # a fresh run starts empty; a resumed one drops lines a killed attempt wrote past last.pt
     every = recipe.output.save_every_steps
     global_step = scheduler.last_epoch
     lr = running["lr"] if running["lr"] is not None else optimizer.param_groups[0]["lr"]
@@ -500,13 +515,8 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
             if every and global_step % every == 0 and step < steps:
                 checkpoint(epoch - 1, step)
 
-        def on_val() -> None:
-            fault("val")
-            if stop.signum:
-                raise _Stop
-
         try:
-            val_logits, val_labels = predict(fwd, val_loader, device, amp, on_batch=on_val)
+            val_logits, val_labels = evaluate(val_loader, "val")
         except _Stop:
             checkpoint(epoch - 1, steps)
             raise stopped(f"during validation of epoch {epoch}") from None
@@ -517,7 +527,7 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
                   "train_acc": 100.0 * running["correct"] / seen, "val_acc": val_acc,
                   "seconds": round(time.time() - t0, 3)}
         records.append(record)
-        write_text_atomically(metrics_path, "".join(dumps_strict(r) + "\n" for r in records))
+        write_metrics()
         if val_acc > best["val_acc"]:
             best = {"epoch": epoch, "val_acc": val_acc}
             best_state = model.adapter_state_dict()
@@ -533,14 +543,8 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
     test_loader = eval_loader(setup, recipe, "test")
     obs.eval_start("test", len(test_loader))
 
-    def on_test() -> None:
-        obs.eval_step()
-        fault("test")
-        if stop.signum:
-            raise _Stop
-
     try:
-        logits, labels = predict(fwd, test_loader, device, amp, on_batch=on_test)
+        logits, labels = evaluate(test_loader, "test", obs.eval_step)
     except _Stop:
         raise stopped("during the test evaluation") from None
     summary = {
