@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke_cli, run_cli, tiny_recipe, write_recipe
+from conftest import invoke_cli, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
 #: 1257 digits / batch 64 -> 20 steps per epoch; 3 epochs (one warm-up) give a best epoch that moves
@@ -71,8 +71,10 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
 
 # --- kill -9 at three points, then --resume: bitwise the uninterrupted run -----------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["step:27", "val:1", "checkpoint:2"])
+@pytest.mark.parametrize("point", ["step:27", "val:2", "checkpoint:2"])
 def test_sigkill_then_resume_is_bitwise(tmp_path, reference, point):
+    """Killed at global step 27 (epoch 2, step 7), in epoch 2's validation, or half-way through writing epoch 2's
+    checkpoint: on disk is epoch 1's checkpoint, whole, and the resume reproduces the uninterrupted run."""
     path = recipe_file(tmp_path)
     env = {**os.environ, "VPTOOL_FAULT": point}
     proc = subprocess.run([sys.executable, "-m", "vptool", "train", str(path)], capture_output=True, text=True,
@@ -80,23 +82,11 @@ def test_sigkill_then_resume_is_bitwise(tmp_path, reference, point):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     run = tmp_path / "runs" / "r"
     assert not (run / "summary.json").exists()
-    assert not list(run.rglob("*.tmp*")) or point == "checkpoint:2"  # the killed write's temp file is all it left
-    plain = run_cli("train", str(path))  # a plain rerun names the ways out instead of clobbering the run
-    assert plain.returncode == 2 and "--resume" in plain.stderr and "--overwrite" in plain.stderr
-    resumed = run_cli("train", str(path), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (ck["epoch"], ck["step"]) == (1, 0)
+    resumed = invoke_cli("train", str(path), "--resume")  # in this process: saves an interpreter start-up
+    assert resumed.exit_code == 0, resumed.output
     assert_same_as_reference(run, reference)
-
-
-def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path):
-    """A kill half-way through writing last.pt leaves the previous checkpoint readable (atomic rename)."""
-    path = recipe_file(tmp_path)
-    env = {**os.environ, "VPTOOL_FAULT": "checkpoint:2"}
-    proc = subprocess.run([sys.executable, "-m", "vptool", "train", str(path)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == -signal.SIGKILL
-    ck = torch.load(tmp_path / "runs" / "r" / "checkpoints" / "last.pt", weights_only=True)
-    assert (ck["epoch"], ck["step"]) == (1, 0)  # the first epoch's checkpoint; the second was cut half-way
 
 
 # --- SIGTERM / SIGINT: stop after the step, checkpoint, exit 143 / 130, resume bitwise --------------------------------
@@ -132,8 +122,8 @@ def test_sigterm_from_outside_exits_143_and_resumes(tmp_path, reference):
         pytest.skip("the run finished before the signal arrived (machine too fast for this timing)")
     assert proc.returncode == 143, err
     assert err.count("error:") == 1 and "--resume" in err
-    resumed = run_cli("train", str(path), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = invoke_cli("train", str(path), "--resume")
+    assert resumed.exit_code == 0, resumed.output
     assert_same_as_reference(run, reference)
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_KWARGS, TINY_NAME, run_cli, tiny_recipe, write_recipe
+from conftest import TINY_KWARGS, TINY_NAME, invoke_cli, run_cli, tiny_recipe, write_recipe
 from safetensors.torch import load_file, save_file
 
 from vptool.recipe import resolve
@@ -188,6 +188,6 @@ def test_corrupt_image_names_the_file(tmp_path, workers):
     # the failed run stays, unfinished, and a plain rerun names the ways out instead of silently being blocked
     run = tmp_path / "runs" / "tiny"
     assert (run / "recipe.yaml").is_file() and not (run / "summary.json").exists()
-    again = run_cli("train", str(path))
-    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    again = invoke_cli("train", str(path))  # in this process: the entry point was checked just above
+    assert again.exit_code == 2 and again.stderr.count("\n") == 1, again.stderr
     assert "has not finished" in again.stderr and "--resume" in again.stderr and "--overwrite" in again.stderr

@@ -140,18 +140,6 @@ def run_path(recipe: Recipe) -> Path:
     return parent / recipe.output.name
 
 
-def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool = False) -> Path:
-    """The run directory path, checked without the lock and without writing anything (an early refusal before
-    slow work; ``train`` checks again under the lock).
-
-    Raises:
-        UserError: see ``plan_run``.
-    """
-    run = run_path(recipe)
-    plan_run(run, recipe, overwrite, resume, dry=True)
-    return run
-
-
 _RESUME_FREE = {"train.epochs", "output.save_every_steps", "output.dir", "output.name"}
 
 
@@ -181,7 +169,7 @@ class Plan:
         self.done, self.extend_from = done, extend_from
 
 
-def plan_run(final: Path, recipe: Recipe, overwrite: bool, resume: bool, dry: bool = False) -> Plan:
+def plan_run(final: Path, recipe: Recipe, overwrite: bool, resume: bool) -> Plan:
     """Decide, from what is on disk, where this train writes; refuse what would lose or mix runs.
 
     - no run: train into it (``--resume``: refused, nothing to resume);
@@ -189,7 +177,7 @@ def plan_run(final: Path, recipe: Recipe, overwrite: bool, resume: bool, dry: bo
       ``--resume`` with a larger ``train.epochs`` extends it, with the same returns its summary;
     - an unfinished run (killed, failed, stopped): refused naming ``--resume`` and ``--overwrite``;
     - ``--overwrite --resume``: continues an interrupted replacement in ``.<name>.overwrite``.
-    With ``dry`` nothing is read but the run's files' presence and nothing is removed.
+    Call it under the run's lock (it removes a stale ``.<name>.overwrite``).
 
     Raises:
         UserError: one line naming the run and the ways out.
@@ -204,7 +192,7 @@ def plan_run(final: Path, recipe: Recipe, overwrite: bool, resume: bool, dry: bo
             return Plan(final, final)
         tmp = overwrite_dir(final)
         if not resume:
-            if tmp.exists() and not dry:
+            if tmp.exists():
                 shutil.rmtree(tmp)  # a replacement that never finished; the lock says nobody is using it
             return Plan(tmp, final)
         if inspect_run(tmp).status != "unfinished":
@@ -227,8 +215,6 @@ def plan_run(final: Path, recipe: Recipe, overwrite: bool, resume: bool, dry: bo
             raise UserError(f"{final} exists and has not finished ({st.describe()}); continue it with --resume, "
                             "replace it with --overwrite, or choose another name with --set output.name=NEW")
         work = final
-    if dry:
-        return Plan(work, final, resume=True)
     from vptool.recipe import read_yaml, resolve_saved
 
     saved_path = work / "recipe.yaml"
