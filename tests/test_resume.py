@@ -90,16 +90,21 @@ def test_sigkill_then_resume_is_bitwise(tmp_path, reference, point):
 
 
 # --- SIGTERM / SIGINT: stop after the step, checkpoint, exit 143 / 130, resume bitwise --------------------------------
-def test_sigterm_mid_epoch_then_resume_in_process(tmp_path, reference, monkeypatch):
+@pytest.mark.parametrize("fault, code, where, position", [
+    ("step:25:TERM", 143, "SIGTERM at epoch 2, step 5/20", (1, 5)),  # mid-epoch: 5 steps into epoch 2
+    ("val:2:INT", 130, "SIGINT during validation of epoch 2", (1, STEPS)),  # epoch 2 trained, validation to redo
+])
+def test_signal_stops_with_checkpoint_then_resume_in_process(tmp_path, reference, monkeypatch, fault, code, where,
+                                                            position):
     path = recipe_file(tmp_path)
-    monkeypatch.setenv("VPTOOL_FAULT", "step:25:TERM")
+    monkeypatch.setenv("VPTOOL_FAULT", fault)
     res = invoke_cli("train", str(path))
-    assert res.exit_code == 143, res.output
+    assert res.exit_code == code, res.output
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "SIGTERM" in lines[0] and "--resume" in lines[0] and "epoch 2, step 5/20" in lines[0]
+    assert len(lines) == 1 and where in lines[0] and "vptool train" in lines[0] and "--resume" in lines[0]
     run = tmp_path / "runs" / "r"
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert (ck["epoch"], ck["step"]) == (1, 5)
+    assert (ck["epoch"], ck["step"]) == position
     monkeypatch.delenv("VPTOOL_FAULT")
     res = invoke_cli("train", str(path), "--resume")
     assert res.exit_code == 0, res.output
@@ -124,20 +129,6 @@ def test_sigterm_from_outside_exits_143_and_resumes(tmp_path, reference):
     assert err.count("error:") == 1 and "--resume" in err
     resumed = invoke_cli("train", str(path), "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert_same_as_reference(run, reference)
-
-
-def test_sigint_during_validation_then_resume(tmp_path, reference, monkeypatch):
-    path = recipe_file(tmp_path)
-    monkeypatch.setenv("VPTOOL_FAULT", "val:2:INT")
-    res = invoke_cli("train", str(path))
-    assert res.exit_code == 130, res.output
-    assert "during validation of epoch 2" in res.stderr
-    run = tmp_path / "runs" / "r"
-    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert (ck["epoch"], ck["step"]) == (1, STEPS)  # epoch 2 trained, its validation to redo
-    monkeypatch.delenv("VPTOOL_FAULT")
-    assert invoke_cli("train", str(path), "--resume").exit_code == 0
     assert_same_as_reference(run, reference)
 
 
