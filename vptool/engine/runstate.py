@@ -163,7 +163,7 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def dumps_strict(obj) -> str:
+def dumps_strict(obj, indent: int | None = None) -> str:
     """``json.dumps`` that refuses NaN/inf (strict JSON): non-finite floats become ``null``."""
     import math
 
@@ -176,7 +176,7 @@ def dumps_strict(obj) -> str:
             return [clean(x) for x in v]
         return v
 
-    return json.dumps(clean(obj), allow_nan=False)
+    return json.dumps(clean(obj), allow_nan=False, indent=indent)
 
 
 # --------------------------------------------------------------------------------------------------- lock

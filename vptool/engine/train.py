@@ -25,7 +25,6 @@ Run directory contract (stable; other tools read it):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -546,6 +545,6 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
     }
     model.adapter_info["metrics"] = {k: summary[k] for k in ("best_epoch", "val_acc", "test_top1", "test_top5")}
     write_config(model, run / CONFIG_NAME)
-    write_text_atomically(run / "summary.json", json.dumps(json.loads(dumps_strict(summary)), indent=2) + "\n")
+    write_text_atomically(run / "summary.json", dumps_strict(summary, indent=2) + "\n")
     obs.run_end(summary)
     return summary
