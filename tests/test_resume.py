@@ -222,9 +222,9 @@ def test_nan_after_a_good_epoch_keeps_the_best_adapter(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = F.cross_entropy
 
-    def poisoned(logits, y):
+    def poisoned(logits, y, **kw):
         calls["n"] += 1
-        loss = real(logits, y)
+        loss = real(logits, y, **kw)
         return loss * float("nan") if calls["n"] == STEPS + 3 else loss
 
     monkeypatch.setattr(tr.F, "cross_entropy", poisoned)
@@ -367,10 +367,10 @@ def test_resume_refuses_a_changed_recipe_and_allows_more_epochs(tmp_path, refere
     assert res.exit_code == 2 and "train.epochs" in res.stderr
 
 
-def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
-    from vptool.engine.train import EpochSampler
+def test_train_sampler_order_depends_only_on_seed_and_epoch():
+    from vptool.engine.train import TrainSampler
 
-    s = EpochSampler(50, seed=3)
+    s = TrainSampler(50, seed=3)
     s.set_epoch(2)
     full = list(s)
     s.set_epoch(2, start=20)
@@ -379,6 +379,29 @@ def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
     assert full == torch.randperm(50, generator=g).tolist()  # DistributedSampler's seeding rule
     s.set_epoch(3)
     assert list(s) != full and sorted(s) == list(range(50))
+
+
+def test_train_sampler_shards_make_the_global_batches_with_padding_marked():
+    """W ranks with B / W images each see exactly the one-process global batches; padding is index + N."""
+    from vptool.engine.train import TrainSampler
+
+    N, B, W = 23, 6, 3
+    one = TrainSampler(N, seed=1)
+    one.set_epoch(4)
+    order = list(one)
+    shards = []
+    for r in range(W):
+        s = TrainSampler(N, seed=1, world=W, rank=r)
+        s.set_epoch(4)
+        shards.append(list(s))
+    assert {len(x) for x in shards} == {-(-N // W)}
+    b = B // W
+    for t in range(-(-N // B)):
+        got = [i for x in shards for i in x[t * b:(t + 1) * b]]
+        real = sorted(i for i in got if i < N)
+        assert real == sorted(order[t * B:(t + 1) * B])
+        assert all(i - N in order for i in got if i >= N)  # padding repeats real images, marked by + N
+    assert sum(i >= N for x in shards for i in x) == W * -(-N // W) - N
 
 
 def test_checkpoint_write_is_atomic_on_failure(tmp_path, monkeypatch):

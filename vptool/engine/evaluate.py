@@ -22,6 +22,10 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
             amp_dtype: torch.dtype | None = None, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits over a loader in dataset order.
 
+    Under torchrun, a loader from ``eval_loader`` holds this rank's shard (``DistributedSampler``, padded to equal
+    shards); the shards are gathered and the padding dropped, so every rank returns all N rows in dataset order
+    and the metrics count each image exactly once.
+
     Returns:
         ``(logits, labels)``: float32 (N, K) on CPU and int64 (N,).
     """
@@ -37,7 +41,16 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
         if on_batch is not None:
             on_batch()
     model.train(was_training)
-    return torch.cat(outs), torch.cat(labels)
+    logits, labels = torch.cat(outs), torch.cat(labels)
+    from torch.utils.data import DistributedSampler
+
+    if isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas > 1:
+        from vptool.engine import dist
+
+        n = len(loader.dataset)
+        logits = dist.gather_rows(logits.to(device), n, "gathering the evaluation logits").cpu()
+        labels = dist.gather_rows(labels.to(device), n, "gathering the evaluation labels").cpu()
+    return logits, labels
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -65,10 +78,17 @@ def method_report(model: torch.nn.Module) -> dict:
 
 
 def eval_loader(setup: Setup, recipe: Recipe, split: str) -> DataLoader:
-    """The deterministic evaluation loader of ``split`` (no shuffle, ``data.eval_batch_size``)."""
-    return make_loader(setup.splits[split], recipe.data.eval_batch_size, shuffle=False,
-                       num_workers=recipe.data.num_workers, seed=recipe.seed,
-                       pin_memory=setup.device.type == "cuda")
+    """The deterministic evaluation loader of ``split`` (no shuffle, ``data.eval_batch_size`` per process); under
+    torchrun this rank's shard (``DistributedSampler(shuffle=False)``; ``predict`` gathers the shards)."""
+    from torch.utils.data import DistributedSampler
+
+    from vptool.engine import dist
+
+    ds = setup.splits[split]
+    job = dist.context()
+    sampler = DistributedSampler(ds, num_replicas=job.world, rank=job.rank, shuffle=False) if job.active else None
+    return make_loader(ds, recipe.data.eval_batch_size, shuffle=False, num_workers=recipe.data.num_workers,
+                       seed=recipe.seed, pin_memory=setup.device.type == "cuda", sampler=sampler)
 
 
 def load_run(run_dir: str | Path, device: str | None = None, train_eval_transform: bool = False,
@@ -98,7 +118,10 @@ def load_run(run_dir: str | Path, device: str | None = None, train_eval_transfor
     from vptool.engine.runstate import CHECKPOINT, load_checkpoint, read_json
 
     recipe = resolve_saved(read_yaml(run / "recipe.yaml"), source=str(run / "recipe.yaml"))
-    dev = resolve_device(device or recipe.train.device, key="--device" if device else "train.device")
+    from vptool.engine import dist
+
+    dev = dist.device_for(resolve_device(device or recipe.train.device, key="--device" if device else "train.device"))
+    dist.init(dev)
     if last:
         ckpt_path = run / CHECKPOINT
         if not ckpt_path.is_file():

@@ -136,7 +136,9 @@ def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: i
         UserError: fewer tokens than k.
     """
     obs = observer or InitObserver()
-    km = StreamingKMeans(k, len(levels), summary_size=summary_size, seed=seed)
+    from vptool.engine import dist
+
+    km = StreamingKMeans(k, len(levels), summary_size=summary_size, seed=seed + dist.context().rank)
     extract_s = kmeans_s = 0.0
     obs.extract_start(len(loader))
     with torch.no_grad():
@@ -158,8 +160,29 @@ def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: i
             obs.extract_step()
     obs.kmeans_start(len(levels))
     t1 = time.perf_counter()
+    from vptool.engine import dist
+
+    job = dist.context()
     try:
-        centres, inertia = km.result(on_set=obs.kmeans_step)
+        if job.active:  # gather every rank's summaries, merge them, and run the final k-means on the union
+            from vptool.prompting.kmeans import final_kmeans, merge_summaries
+
+            mine = []
+            for i in range(len(levels)):
+                try:
+                    pts, w, within = km.summary(i)
+                except ValueError:  # this rank's shard had no images
+                    pts, w, within = torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), 0.0
+                mine.append((pts.cpu(), w.cpu(), within))
+            every = dist.gather_objects((mine, km.seen), "gathering the k-means summaries")
+            km.seen = [sum(s[j] for _, s in every) for j in range(len(levels))]
+            merged = [merge_summaries([parts[i] for parts, _ in every if parts[i][0].numel()])
+                      for i in range(len(levels))]
+            merged = [(p.to(device), w.to(device), v) for p, w, v in merged]
+            g = torch.Generator().manual_seed(seed)  # the same on every rank: every rank gets the same prototypes
+            centres, inertia = final_kmeans(merged, k, g, km.n_init, km.max_iter, km.tol, obs.kmeans_step)
+        else:
+            centres, inertia = km.result(on_set=obs.kmeans_step)
     except ValueError as exc:
         raise UserError(f"prompt.length: {exc}; lower prompt.length or raise --fraction") from None
     _sync(device)
@@ -188,7 +211,10 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
     t_start = time.time()
     obs = observer or InitObserver()
     name = prompt_tensor_name(recipe)
-    device = device or resolve_device(recipe.train.device)
+    from vptool.engine import dist
+
+    device = device or dist.device_for(resolve_device(recipe.train.device))
+    job = dist.init(device)
     if backbone is None:
         b = recipe.backbone
         seed_everything(recipe.seed)  # a random-weight backbone is rebuilt exactly as train builds it
@@ -212,7 +238,8 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
 
     if spec.strategy == "kmeans":
         count = max(1, round(spec.fraction * n_images))
-        subset = Subset(train, order[:count].tolist())  # a seeded random subset, streamed in random order
+        # a seeded random subset, streamed in random order; under torchrun rank r streams every W-th image of it
+        subset = Subset(train, order[:count][job.rank::job.world].tolist())
         loader = make_loader(subset, recipe.data.eval_batch_size, shuffle=False,
                              num_workers=recipe.data.num_workers, seed=spec.seed, pin_memory=pin)
         centres, inertia, km, extract_s, kmeans_s = stream_kmeans(plain, loader, unique, Np, spec.seed, device, amp,
@@ -240,6 +267,8 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
                 prompts.append(pool_prompts(tok, Np, spec.strategy.split("-")[0], spec.form, g).cpu())
         meta.update(fraction=None, images=B, tokens_per_set=B * got[levels[0]].shape[1],
                     batch_images=order[:B].tolist())
+    if job.active:
+        meta["world_size"] = job.world
     tensor = torch.stack(prompts) if name == "prompts.deep" else prompts[0]
     d = recipe.data
     meta.update(

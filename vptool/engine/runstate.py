@@ -17,8 +17,8 @@ Guarantees (README "Faults and resuming"):
 
 ``VPTOOL_FAULT`` is a test hook (``fault``): ``POINT:N[:SIGNAL]`` sends the process SIGNAL (default KILL) the N-th
 time the loop reaches POINT (``step`` after an optimizer step, ``val`` after a validation batch, ``checkpoint``
-half-way through writing ``last.pt``, ``test`` after a test batch); several hooks are comma-separated. Nothing
-happens without the variable.
+half-way through writing ``last.pt``, ``test`` after a test batch); ``@R`` at the end limits it to torchrun rank R
+(``step:3:KILL@1``); several hooks are comma-separated. Nothing happens without the variable.
 """
 
 from __future__ import annotations
@@ -67,8 +67,12 @@ def fault(point: str) -> None:
     if not spec:
         return
     _fault_counts[point] = _fault_counts.get(point, 0) + 1
+    rank = os.environ.get("RANK", "0") or "0"
     for item in spec.split(","):
-        parts = item.strip().split(":")
+        item, _, only = item.strip().partition("@")
+        if only and only != rank:
+            continue
+        parts = item.split(":")
         if len(parts) >= 2 and parts[0] == point and parts[1].isdigit() and int(parts[1]) == _fault_counts[point]:
             sig = getattr(signal, f"SIG{parts[2].upper()}") if len(parts) > 2 else signal.SIGKILL
             os.kill(os.getpid(), sig)

@@ -186,7 +186,8 @@ def available_memory(device: torch.device) -> int:
 def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
     """A lower bound on the memory (bytes) training needs, from shapes alone (nothing is allocated).
 
-    With D the width, L the blocks, T = prefix + patch + prompt tokens (+1 with a [MASK] token), B the batch:
+    With D the width, L the blocks, T = prefix + patch + prompt tokens (+1 with a [MASK] token), B the batch
+    (under torchrun this process's B / W):
     trainable prompts Np·D (·L for deep) in fp32 with their gradient and two optimizer states (4 copies), the
     frozen backbone's weights, and the activations backpropagation keeps: at least each block's input and
     attention output, 2·B·T·D fp32 values per block when gradients flow through the blocks (prompts, gates,
@@ -204,7 +205,9 @@ def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
     T = prefix + n_patches + Np + (0 if recipe.tokens.mask == "none" else 1)
     prompt_params = Np * D * (L if p.mode == "deep" else 1)
     backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
-    B = recipe.data.batch_size
+    from vptool.engine.dist import from_env
+
+    B = max(1, recipe.data.batch_size // from_env().world)  # under torchrun each process holds B / W images
     through_blocks = recipe.train.tune != "head"
     act = 2 * B * T * D * 4 * (L if through_blocks else 1)
     full = 3 * backbone_bytes if recipe.train.tune == "all" else 0

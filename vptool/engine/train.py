@@ -8,15 +8,17 @@ Run directory contract (stable; other tools read it):
 - ``summary.json``: ``best_epoch``, ``val_acc``, ``test_top1``, ``test_top5`` (percent, best-validation adapter),
   ``trainable_params``, ``total_params``, ``seconds``, ``vptool_version``, ``backbone`` (name, checkpoint, sha256);
   for gated prompts ``gates`` and ``selection_ratio`` (GateVPT eq. 10-11), with a learnable temperature
-  ``temperature`` (L values), with a [MASK] token ``mask_token``: ``pretrained`` or ``learned``.
+  ``temperature`` (L values), with a [MASK] token ``mask_token``: ``pretrained`` or ``learned``; under torchrun
+  ``world_size`` (the processes; ``vptool.engine.dist``: only rank 0 writes any of these files).
 - ``adapter.safetensors`` + ``adapter_config.json``: the best-validation trainable tensors (never the frozen
   backbone) and the config that rebuilds the model without the dataset (``vptool.adapter``; ``vptool.load``).
 - ``prompt_init.safetensors``: with an SPT strategy as ``prompt.init``, the prompts the run started from
   (init-prompts format, reusable with ``prompt.init: file``).
 - ``checkpoints/last.pt``: what ``--resume`` continues from (``torch.load(weights_only=True)``): ``epoch``
   (completed), ``step`` (optimizer steps into the next epoch), the adapter, optimizer, scheduler, every RNG state
-  (torch, CUDA, Python, NumPy), the epoch's running loss/accuracy, the metrics records, and the best-so-far
-  (epoch, val_acc, and its adapter unless it is the current one). Written atomically at each epoch's end, every
+  (torch, CUDA, Python, NumPy; under torchrun also ``rng_ranks``, every rank's), the epoch's running
+  loss/accuracy, the metrics records, and the best-so-far (epoch, val_acc, and its adapter unless it is the
+  current one). Written atomically at each epoch's end, every
   ``output.save_every_steps`` steps, and when SIGINT/SIGTERM stops the run.
 - ``prompt_history/epoch_EEEE.safetensors`` with ``output.save_prompt_history: true``: the tensors that shape the
   prompt representations (``prompts.*``, ``gates.logit``, ``temperature``, a learned ``mask_token``) before
@@ -66,6 +68,13 @@ class Observer:
     def note(self, text: str) -> None:  # a one-line notice (resuming, extending); the CLI prints it on stderr
         log.warning(text)
 
+    @classmethod
+    def silent(cls) -> Observer:
+        """What ranks other than 0 report to: nothing."""
+        obs = cls()
+        obs.note = lambda text: None
+        return obs
+
 
 def effective_lr(recipe: Recipe) -> float:
     """Peak learning rate: base lr, times batch_size / 256 with ``lr_scaling: linear`` (VPT §4, Goyal et al.)."""
@@ -97,26 +106,50 @@ def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.op
     return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """The training order: a permutation of the N images seeded by ``seed + epoch`` (as ``DistributedSampler``
-    seeds its shuffle), starting ``start`` images in when a run resumes mid-epoch.
+class TrainSampler(torch.utils.data.DistributedSampler):
+    """The training order: torch's ``DistributedSampler(shuffle=True, seed=seed)``, a permutation of the N images
+    seeded by ``seed + epoch`` of which rank r takes positions r, r + W, r + 2W, ...; it pads the permutation
+    with its first images so every rank gets ceil(N / W). Two additions:
+
+    - padding is marked: a padded position yields ``index + N`` (``WeightedSplit`` gives it weight 0), so the
+      images of global step t are exactly those one process sees (permutation positions tB .. tB + B - 1);
+    - ``set_epoch(epoch, start)`` skips this rank's first ``start`` positions, when a run resumes mid-epoch.
 
     The order depends only on (seed, epoch), never on how many epochs ran before in this process, so a resumed
-    epoch sees exactly the batches the uninterrupted run saw.
+    epoch sees exactly the batches the uninterrupted run saw. With one process it is a plain seeded shuffle.
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 1, 0
+    def __init__(self, n: int, seed: int, world: int = 1, rank: int = 0):
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.n, self.start = n, 0
+        self.epoch = 1
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+        super().set_epoch(epoch)
+        self.start = start
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+        W, r, n = self.num_replicas, self.rank, self.n
+        out = [idx if r + i * W < n else idx + n for i, idx in enumerate(super().__iter__())]
+        return iter(out[self.start:])
 
     def __len__(self) -> int:
-        return max(0, self.n - self.start)
+        return max(0, self.num_samples - self.start)
+
+
+class WeightedSplit(torch.utils.data.Dataset):
+    """``(image, label, weight)``: index i < N is image i with weight 1, index N + i is image i as
+    ``TrainSampler``'s padding, weight 0 (it contributes nothing to the loss, the gradient or the metrics)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.n = dataset, len(dataset)
+
+    def __len__(self) -> int:
+        return 2 * self.n
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i % self.n]
+        return x, y, torch.tensor(1.0 if i < self.n else 0.0)
 
 
 def run_path(recipe: Recipe) -> Path:
@@ -293,41 +326,58 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
         RunError: the run failed (exit 1): a non-finite loss, gradient or parameter, with the epoch, step and lr.
         Interrupted: SIGINT/SIGTERM (exit 130/143), after writing ``checkpoints/last.pt``.
     """
-    from vptool.engine.runstate import RunLock, StopSignals, recover_swap, swap_in
+    import contextlib
 
-    obs = observer or Observer()
+    from vptool.engine import dist
+    from vptool.engine.runstate import RunLock, StopSignals, recover_swap, swap_in
+    from vptool.engine.setup import resolve_device
+
     t_start = time.time()
+    device = setup.device if setup is not None else dist.device_for(resolve_device(recipe.train.device))
+    B, W = recipe.data.batch_size, dist.from_env().world
+    if B % W:  # refused by every rank alike, before the rendezvous
+        raise UserError(f"data.batch_size: {B} (the global batch) does not divide by the {W} processes of this "
+                        f"torchrun job; use a multiple of {W}, e.g. {max(W, B - B % W)}")
+    job = dist.init(device)
+    obs = (observer or Observer()) if job.main else Observer.silent()
     final = run_path(recipe)
-    with RunLock(final):
-        recover_swap(final)
-        plan = plan_run(final, recipe, overwrite, resume)
+    with contextlib.ExitStack() as held:
+
+        def decide() -> Plan:  # rank 0 alone holds the lock and reads the disk; every rank gets its plan
+            held.enter_context(RunLock(final))
+            recover_swap(final)
+            return plan_run(final, recipe, overwrite, resume)
+
+        plan = dist.shared_decision(decide, "planning the run")
         if plan.done is not None:
             obs.note(f"{final} finished already ({recipe.train.epochs} epochs); nothing to resume (extend it with "
                      "--set train.epochs=N)")
             return plan.done
         resuming = plan.checkpoint is not None
         # every input error surfaces here, before anything is written; a resume skips the SPT prompt build
-        setup = setup or prepare(recipe, observer=obs, for_adapter=resuming)
+        setup = setup or prepare(recipe, device=device, observer=obs, for_adapter=resuming)
         if resuming and "prompt_init" in setup.model.options:  # the prompts come from last.pt; record the recipe's
             setup.model.options["prompt_init"] = recipe.prompt.init
         work = plan.work
         if plan.extend_from is not None:
             obs.note(f"extending {final} from {plan.extend_from} to {recipe.train.epochs} epochs; the cosine "
                      f"schedule is recomputed over {recipe.train.epochs} epochs")
-            os.replace(work / "summary.json", work / "checkpoints" / "previous_summary.json")
+            if job.main:
+                os.replace(work / "summary.json", work / "checkpoints" / "previous_summary.json")
         elif resuming:
             obs.note(f"resuming {final} after epoch {plan.checkpoint['epoch']}"
                      + (f" + {plan.checkpoint['step']} steps" if plan.checkpoint["step"] else ""))
-        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_text_atomically(work / "recipe.yaml", dump_recipe(recipe))
-        if setup.prompt_init is not None:  # the SPT prompts this run started from, for provenance and reuse
-            from vptool.engine.init_prompts import write_prompt_file
+        if job.main:  # only rank 0 writes the run directory
+            (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+            write_text_atomically(work / "recipe.yaml", dump_recipe(recipe))
+            if setup.prompt_init is not None:  # the SPT prompts this run started from, for provenance and reuse
+                from vptool.engine.init_prompts import write_prompt_file
 
-            write_prompt_file(work / "prompt_init.safetensors", *setup.prompt_init, overwrite=True)
+                write_prompt_file(work / "prompt_init.safetensors", *setup.prompt_init, overwrite=True)
         command = resume_command or f"vptool train {final} --resume"
         with StopSignals() as stop:
-            summary = _fit(recipe, setup, work, final, obs, t_start, plan.checkpoint, stop, command)
-        if work != final:
+            summary = _fit(recipe, setup, work, final, obs, t_start, plan.checkpoint, stop, command, job)
+        if work != final and job.main:
             swap_in(work, final)
         return summary
 
@@ -336,9 +386,11 @@ def _nonfinite(what: str, value, epoch: int, step: int, steps: int, lr: float, b
                work: Path) -> RunError:
     kept = (f"the best adapter so far (epoch {best['epoch']}, val {best['val_acc']:.2f}%) is kept in "
             f"{work / 'adapter.safetensors'}" if best["epoch"] else "no model was saved")
-    return RunError(f"non-finite {what} ({value}) at epoch {epoch}, step {step}/{steps}, lr {lr:.3g}: training "
-                    f"stopped; likely cause: train.lr {recipe.train.lr:g} is too high (try 10x lower) or the data "
-                    f"holds NaN/inf; {kept}; start again with --overwrite")
+    exc = RunError(f"non-finite {what} ({value}) at epoch {epoch}, step {step}/{steps}, lr {lr:.3g}: training "
+                   f"stopped; likely cause: train.lr {recipe.train.lr:g} is too high (try 10x lower) or the data "
+                   f"holds NaN/inf; {kept}; start again with --overwrite")
+    exc.collective = True  # every rank sees the same all-reduced values and stops at the same step
+    return exc
 
 
 class _Stop(Exception):
@@ -346,13 +398,23 @@ class _Stop(Exception):
 
 
 def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_start: float,
-         ckpt: dict | None, stop, resume_command: str) -> dict:
+         ckpt: dict | None, stop, resume_command: str, job) -> dict:
     """The epochs, the best-validation adapter, the test evaluation and the run files (written into ``run``;
-    ``final`` is the name they will have)."""
-    from vptool.engine import runstate
+    ``final`` is the name they will have; only rank 0 writes).
+
+    Each optimizer step t uses the images at permutation positions tB .. tB + B - 1 (``TrainSampler``), n_t of
+    them real. Rank r's loss is sum_i w_i CE_i * W / n_t over its share (w_i = 0 for padding), so DDP's mean of
+    the W gradients is the gradient of the global batch's mean cross-entropy: with W processes the run follows
+    the one-process run up to float rounding. The step's loss sum, correct count, image count and stop flag are
+    all-reduced together, so every rank sees the same metrics, NaN and signal and stops at the same step.
+    """
+    import signal
+
+    from vptool.engine import dist, runstate
     from vptool.engine.runstate import CHECKPOINT, CHECKPOINT_FORMAT, Interrupted, dumps_strict, fault
 
     runstate.reset_faults()
+    main, W = job.main, job.world
 
     model, splits, device, amp = setup.model, setup.splits, setup.device, setup.amp_dtype
     if device.type == "cpu":  # bitwise repeatable on CPU; on CUDA, speed wins (cuBLAS/SDPA kernels may vary)
@@ -364,13 +426,14 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
     log.info(format_parameter_summary(trainable, total))
 
     d, t = recipe.data, recipe.train
-    sampler = EpochSampler(len(splits.train), recipe.seed)
-    train_loader = make_loader(splits.train, d.batch_size, shuffle=False, num_workers=d.num_workers,
-                               seed=recipe.seed, pin_memory=device.type == "cuda", sampler=sampler)
+    N, B = len(splits.train), d.batch_size
+    sampler = TrainSampler(N, recipe.seed, W, job.rank)
+    train_loader = make_loader(WeightedSplit(splits.train), B // W, shuffle=False, num_workers=d.num_workers,
+                               seed=recipe.seed + job.rank, pin_memory=device.type == "cuda", sampler=sampler)
     val_loader = eval_loader(setup, recipe, "val")
     params = model.trainable_parameters()
     optimizer = make_optimizer(recipe, params)
-    steps = math.ceil(len(splits.train) / d.batch_size)
+    steps = math.ceil(N / B)
     epochs = t.epochs
     total_steps, warmup_steps = epochs * steps, t.warmup_epochs * steps
 
@@ -378,7 +441,21 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         return lr_factor(s, total_steps, warmup_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    fwd = torch.compile(model) if t.compile else model
+    evaluator = torch.compile(model) if t.compile else model
+    if W > 1:  # gradients of the trainable tensors only: the frozen backbone is neither synced nor broadcast
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in model.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = torch.compile(ddp) if t.compile else ddp
+        if job.rank:  # augmentation and prompt dropout: an independent stream per rank
+            from vptool.engine.setup import seed_everything
+
+            seed_everything(recipe.seed + job.rank)
+    else:
+        fwd = evaluator
     adapter_meta = {"vptool_version": vptool.__version__, "method": recipe.method, "backbone": setup.backbone.name}
     adapter_path, metrics_path = run / "adapter.safetensors", run / "metrics.jsonl"
     history = recipe.output.save_prompt_history and model.prompts is not None
@@ -409,22 +486,35 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
         if start_step:
             running = dict(ckpt["running"])
-        if best_state is not None:  # a killed attempt may have written a later epoch's adapter: put back the best
+        if best_state is not None and main:  # a killed attempt may have written a later adapter: put back the best
             model_state = model.adapter_state_dict()
             model.load_adapter_state_dict(best_state)
             model.save_adapter(str(adapter_path), {**adapter_meta, "epoch": str(best["epoch"])})
             model.load_adapter_state_dict(model_state)
-        _set_rng_state(ckpt["rng"])
-    elif history:
+        ranks = ckpt.get("rng_ranks")
+        if ranks and len(ranks) == W:
+            _set_rng_state(ranks[job.rank])
+        else:
+            if W > 1 or ranks:
+                obs.note(f"the checkpoint's RNG states are for {len(ranks) if ranks else 1} process(es), this job "
+                         f"has {W}: the data order is exact, augmentation and dropout draws are not")
+            if not job.rank:
+                _set_rng_state(ckpt["rng"])
+    elif history and main:
         save_snapshot(model, run, 0)
 
-    def checkpoint(epoch_done: int, step: int) -> None:
+    def checkpoint(epoch_done: int, step: int) -> None:  # every rank calls it at the same step (a collective)
+        rng = dist.gather_objects(_rng_state(), "gathering RNG states") if W > 1 else None
+        if not main:
+            return
         current_is_best = best["epoch"] == epoch_done and step == 0 and best["epoch"] > 0
         state = {"format": CHECKPOINT_FORMAT, "epoch": epoch_done, "step": step, "epochs": epochs,
                  "steps_per_epoch": steps, "adapter": model.adapter_state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                  "running": dict(running), "records": [dict(r) for r in records], "best": dict(best),
                  "best_adapter": None if current_is_best else best_state}
+        if rng is not None:
+            state["rng_ranks"] = rng
         runstate.save_checkpoint(run / CHECKPOINT, state)
 
     def evaluate(loader, point: str, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,17 +524,29 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
             if on_batch is not None:
                 on_batch()
             fault(point)
-            if stop.signum:
+            if stop.signum and W == 1:  # with several ranks the stop is agreed on after the pass (stop_agreed)
                 raise _Stop
 
-        return predict(fwd, loader, device, amp, on_batch=batch)
+        return predict(evaluator, loader, device, amp, on_batch=batch)
 
     def write_metrics() -> None:
-        write_text_atomically(metrics_path, "".join(dumps_strict(r) + "\n" for r in records))
+        if main:
+            write_text_atomically(metrics_path, "".join(dumps_strict(r) + "\n" for r in records))
 
-    def stopped(where: str) -> Interrupted:
-        return Interrupted(f"stopped by {stop.name} {where}; checkpoint written to {run / CHECKPOINT}; continue "
-                           f"with: {resume_command}", stop.signum)
+    def stop_agreed() -> int:
+        """The signal number when any rank was signalled (all ranks agree), else 0."""
+        if W == 1:
+            return stop.signum
+        got = dist.all_reduce(torch.tensor([float(stop.signum or 0)]), "agreeing on a stop", op="max")
+        return int(got.item())
+
+    def stopped(where: str, signum: int | None = None) -> Interrupted:
+        signum = stop.signum or signum or signal.SIGTERM
+        name = signal.Signals(signum).name
+        exc = Interrupted(f"stopped by {name} {where}; checkpoint written to {run / CHECKPOINT}; continue "
+                          f"with: {resume_command}", signum)
+        exc.collective = True
+        return exc
 
     write_metrics()  # a fresh run starts empty; a resumed one drops lines a killed attempt wrote past last.pt
     every = recipe.output.save_every_steps
@@ -455,22 +557,36 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         skip = start_step if epoch == start_epoch else 0
         if not skip:
             running = {"loss_sum": 0.0, "correct": 0, "seen": 0, "lr": None}
-        sampler.set_epoch(epoch, skip * d.batch_size)
+        sampler.set_epoch(epoch, skip * (B // W))
         model.train()
         obs.epoch_start(epoch, epochs, steps)
         step = skip
-        for x, y in train_loader:
+        for x, y, w in train_loader:
             x = x.to(device, non_blocking=True)
             y = torch.as_tensor(y).to(device, non_blocking=True)
+            w = w.to(device, non_blocking=True)
+            n_real = min(B, N - step * B)  # real images in this global batch (the last one may be short)
             with autocast(device, amp):
                 logits = fwd(x)
-            loss = F.cross_entropy(logits.float(), y)
-            value = loss.item()
+            ce = F.cross_entropy(logits.float(), y, reduction="none") * w
+            loss = ce.sum() * (W / n_real)
+            local = torch.stack([ce.sum().detach(), ((logits.argmax(dim=1) == y).float() * w).sum(), w.sum(),
+                                 torch.tensor(float(stop.signum or 0), device=device)])
             lr = optimizer.param_groups[0]["lr"]
-            if not math.isfinite(value):
-                raise _nonfinite("loss", value, epoch, step + 1, steps, lr, best, recipe, run)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if W == 1:  # one process: refuse a non-finite loss before backward
+                loss_sum, correct, seen, signum = local.tolist()
+                if not math.isfinite(loss_sum):
+                    raise _nonfinite("loss", loss_sum / max(seen, 1), epoch, step + 1, steps, lr, best, recipe, run)
+            if W > 1:  # DDP all-reduces the trainable gradients here
+                dist.collective("the gradient all-reduce", loss.backward)
+            else:
+                loss.backward()
+            if W > 1:
+                loss_sum, correct, seen, signum = dist.all_reduce(local, "the training step").tolist()
+                if not math.isfinite(loss_sum):
+                    raise _nonfinite("loss", loss_sum / max(seen, 1), epoch, step + 1, steps, lr, best, recipe, run)
+            value = loss_sum / max(seen, 1)
             if not _all_finite(p.grad for p in params):
                 raise _nonfinite("gradient", "nan/inf", epoch, step + 1, steps, lr, best, recipe, run)
             try:
@@ -487,14 +603,13 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
                                  recipe, run)
             step += 1
             global_step += 1
-            n = y.shape[0]
-            running["loss_sum"] += value * n
-            running["correct"] += int((logits.argmax(dim=1) == y).sum().item())
-            running["seen"] += n
+            running["loss_sum"] += loss_sum
+            running["correct"] += int(round(correct))
+            running["seen"] += int(round(seen))
             running["lr"] = lr
             obs.step(value, 100.0 * running["correct"] / running["seen"], lr)
             fault("step")
-            if stop.signum:
+            if stop.signum if W == 1 else signum:  # several ranks: the flag all-reduced with this step's metrics
                 checkpoint(epoch - 1, step)
                 raise stopped(f"at epoch {epoch}, step {step}/{steps}")
             if every and global_step % every == 0 and step < steps:
@@ -516,13 +631,15 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         if val_acc > best["val_acc"]:
             best = {"epoch": epoch, "val_acc": val_acc}
             best_state = model.adapter_state_dict()
-            model.save_adapter(str(adapter_path), {**adapter_meta, "epoch": str(epoch)})
-        if history:
+            if main:
+                model.save_adapter(str(adapter_path), {**adapter_meta, "epoch": str(epoch)})
+        if history and main:
             save_snapshot(model, run, epoch)
+        signum = stop_agreed()
         checkpoint(epoch, 0)
         obs.epoch_end(record)
-        if stop.signum:
-            raise stopped(f"after epoch {epoch}")
+        if signum:
+            raise stopped(f"after epoch {epoch}", signum)
 
     model.load_adapter_state_dict(best_state)
     test_loader = eval_loader(setup, recipe, "test")
@@ -543,8 +660,11 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         "run_dir": str(final),
         **method_report(model),
     }
+    if W > 1:
+        summary["world_size"] = W
     model.adapter_info["metrics"] = {k: summary[k] for k in ("best_epoch", "val_acc", "test_top1", "test_top5")}
-    write_config(model, run / CONFIG_NAME)
-    write_text_atomically(run / "summary.json", dumps_strict(summary, indent=2) + "\n")
+    if main:
+        write_config(model, run / CONFIG_NAME)
+        write_text_atomically(run / "summary.json", dumps_strict(summary, indent=2) + "\n")
     obs.run_end(summary)
     return summary

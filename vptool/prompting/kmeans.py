@@ -28,6 +28,12 @@ every token goes to the prototype of its micro-centre. Assigning each token to i
 lower it, so the figure is an upper bound on eq. 9's inertia of the returned prototypes, equal to it when the
 summary holds every token.
 
+**Several processes** (``torchrun``, ``vptool.engine.dist``): the two levels compose by design (Guha et al.'s
+divide-and-conquer: a summary of summaries is a summary). Each rank streams its own shard of the images into its
+own ``StreamingKMeans``; the per-set summaries (points, weights, within-group sums of squares) of all ranks are
+gathered and concatenated, and the final weighted k-means (``final_kmeans``) runs on the union, identically on
+every rank. The inertia bound above holds for the merged summary unchanged.
+
 Where the paper differs: eq. 9-10 start from a uniform partition of the tokens; this module seeds with k-means++
 (better and standard). The official SPT repository ships no k-means code (it reads precomputed prototypes).
 """
@@ -226,22 +232,48 @@ class StreamingKMeans:
         Raises:
             ValueError: a set has fewer distinct summary points than k.
         """
-        out, inertia = [], []
-        for i in range(self.num_sets):
-            pts, w, within = self.summary(i)
-            if pts.shape[0] < self.k:
-                raise ValueError(f"only {pts.shape[0]} tokens for {self.k} prototypes")
-            best = None
-            for _ in range(self.n_init):
-                start = kmeans_plusplus(pts, self.k, self.generator, weights=w)
-                c, _, obj = weighted_lloyd(pts, w, start, self.max_iter, self.tol)
-                if best is None or obj < best[1]:
-                    best = (c, obj)
-            out.append(best[0].float())
-            inertia.append(within + best[1])
-            if on_set is not None:
-                on_set()
-        return torch.stack(out), inertia
+        return final_kmeans([self.summary(i) for i in range(self.num_sets)], self.k, self.generator, self.n_init,
+                            self.max_iter, self.tol, on_set)
+
+
+def merge_summaries(parts: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      float]:
+    """One set's summaries from several streams (ranks) as one: points and weights concatenated, within-group
+    sums of squares added (each point keeps the tokens it stands for, so the union summarises all tokens)."""
+    pts = torch.cat([p for p, _, _ in parts])
+    w = torch.cat([x for _, x, _ in parts])
+    return pts, w, float(sum(v for _, _, v in parts))
+
+
+def final_kmeans(summaries: list[tuple[torch.Tensor, torch.Tensor, float]], k: int, generator: torch.Generator,
+                 n_init: int = 10, max_iter: int = 300, tol: float = 1e-4, on_set=None
+                 ) -> tuple[torch.Tensor, list[float]]:
+    """The final stage on each set's summary: ``n_init`` weighted k-means++ + Lloyd restarts, best objective kept.
+
+    Args:
+        summaries: per set, ``(points (m, D), weights (m,), within-group sum of squares)``.
+
+    Returns:
+        prototypes (S, k, D) float32 and the inertia per set (within + the best weighted objective).
+
+    Raises:
+        ValueError: a set has fewer summary points than k.
+    """
+    out, inertia = [], []
+    for pts, w, within in summaries:
+        if pts.shape[0] < k:
+            raise ValueError(f"only {pts.shape[0]} tokens for {k} prototypes")
+        best = None
+        for _ in range(n_init):
+            start = kmeans_plusplus(pts, k, generator, weights=w)
+            c, _, obj = weighted_lloyd(pts, w, start, max_iter, tol)
+            if best is None or obj < best[1]:
+                best = (c, obj)
+        out.append(best[0].float())
+        inertia.append(within + best[1])
+        if on_set is not None:
+            on_set()
+    return torch.stack(out), inertia
 
 
 def inertia(x: torch.Tensor, centres: torch.Tensor, chunk: int = 65536) -> float:
