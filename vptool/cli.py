@@ -91,7 +91,25 @@ def _bounded(line: str) -> str:
     return line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..."
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
+    """Print ``error: ...`` and exit ``code``. Under torchrun, rank 0 prints; another rank prints only an error of
+    its own (prefixed ``rank N:``, and left in the rendezvous store for the others to name), not one every rank
+    raised alike (the recipe, a refusal decided by rank 0, a NaN or signal all ranks agreed on)."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    if "vptool.engine.dist" in sys.modules and sys.modules["vptool.engine.dist"].context().active and \
+            not getattr(exc, "collective", False) and not getattr(exc, "peer_failure", False):  # for the others
+        sys.modules["vptool.engine.dist"].report_failure(f"{message.splitlines()[0] if message else ''}")
+    if rank not in ("", "0"):
+        from vptool.engine import dist
+
+        if not dist.context().active or getattr(exc, "collective", False):
+            raise typer.Exit(code)
+        lines = message.splitlines() or [""]
+        if not lines[0].startswith(f"rank {rank}"):
+            lines[0] = f"rank {rank}: {lines[0]}"
+        message = "\n".join(lines)
     for line in message.splitlines() or [""]:
         err.print(_bounded(f"error: {line}"), markup=False)
     raise typer.Exit(code)
@@ -129,7 +147,10 @@ def cli_errors(fn):
         logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if "vptool.engine.dist" in sys.modules:  # leave a torchrun job's process group cleanly
+                sys.modules["vptool.engine.dist"].shutdown()
+            return result
         except typer.Exit:
             raise
         except RecipeError as exc:
@@ -139,11 +160,11 @@ def cli_errors(fn):
         except UserError as exc:
             if debug:
                 raise
-            _fail(_one_line(exc), 2)
+            _fail(_one_line(exc), 2, exc)
         except RunError as exc:  # a failed run (1), or one stopped by SIGINT/SIGTERM after its checkpoint (130/143)
             if debug:
                 raise
-            _fail(str(exc), getattr(exc, "exit_code", 1))
+            _fail(str(exc), getattr(exc, "exit_code", 1), exc)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except BrokenPipeError:  # the reader went away (`vptool predict ... | head`): stop quietly, as cat does
@@ -232,6 +253,36 @@ class RichObserver:
         err.print(f"note: {text}", markup=False)
 
 
+def _is_main() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints results and writes outputs."""
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _one_process(command: str) -> None:
+    """Refuse a command that has no data-parallel form when it is started under torchrun."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        raise UserError(f"{command} runs as one process; start it without torchrun (train, eval and init-prompts "
+                        "are the data-parallel commands)")
+
+
+def single_process(command: str):
+    """Decorator form of ``_one_process`` (for commands defined in other modules)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            _one_process(command)
+            return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
 def _methods_table() -> str:
     from vptool.recipe import PRESETS
 
@@ -278,6 +329,8 @@ def train(
     else:
         r = load_recipe(recipe, set_ or [])
     if dry_run:
+        if not _is_main():  # under torchrun rank 0 alone checks and prints
+            return
         plan = dry_run_recipe(r)
         for item in plan["inputs"]:
             if not item["exists"]:
@@ -298,8 +351,10 @@ def train(
         return
     command = " ".join(["vptool train", _shell_quote(str(recipe)), *(f"--set {_shell_quote(x)}" for x in set_ or []),
                         "--overwrite" if overwrite else "", "--resume"]).replace("  ", " ")
-    summary = run_train(r, overwrite=overwrite, resume=resume, observer=RichObserver(quiet=json_out),
+    summary = run_train(r, overwrite=overwrite, resume=resume, observer=RichObserver(quiet=json_out or not _is_main()),
                         resume_command=command)
+    if not _is_main():
+        return
     if json_out:
         print(json.dumps(summary))
     else:
@@ -359,11 +414,13 @@ def init_prompts(
         strategy = "kmeans"
     spec = InitSpec.from_recipe(r, strategy, fraction, source, form, seed)
     check_new_file(output, "-o", ".safetensors", overwrite)  # refuse a bad or existing -o before any slow work
-    obs = RichObserver(quiet=json_out)
+    obs = RichObserver(quiet=json_out or not _is_main())
     try:
         name, tensor, meta = build_prompt_init(r, spec, observer=obs)
     finally:
         obs.progress.stop()
+    if not _is_main():  # under torchrun every rank has the same prompts; rank 0 writes them
+        return
     write_prompt_file(output, name, tensor, meta, overwrite=overwrite)
     result = {"output": str(output), "tensor": name, "shape": list(tensor.shape), **meta}
     result.pop("batch_images", None)
@@ -416,6 +473,7 @@ def probe_nmi(
     from vptool.engine import probe as pr
     from vptool.recipe import load_recipe
 
+    _one_process("probe-nmi")
     if split not in ("train", "val", "test"):
         raise UserError(f"--split: {split!r} is not train, val or test")
     if history and not target.is_dir():
@@ -524,6 +582,8 @@ def eval_(
         split_name = f"{split}_last"
     else:
         split_name = split
+    if not _is_main():  # under torchrun every rank has all the logits; rank 0 writes and prints
+        return
     report = classification_report(logits, labels, setup.splits.classes)
     result["mean_per_class_accuracy"] = report["mean_per_class_accuracy"]
     if save_logits is not None:
@@ -588,6 +648,7 @@ def export(
     """
     from vptool.export import export as run_export
 
+    _one_process("export")
     report = run_export(source, format, output, opset=opset, overwrite=overwrite,
                         backbone_checkpoint=backbone_checkpoint)
     if json_out:
@@ -630,6 +691,7 @@ def predict(
     """
     from vptool.engine.predict import run_predict
 
+    _one_process("predict")
     if json_lines and csv_out:
         raise UserError("--json/--csv: choose one output format")
     if top_k < 1:
@@ -655,6 +717,11 @@ def _gate_table(result: dict) -> str:
         r = "n/a (all gates closed)" if ratio is None else f"{ratio[i]:.4f}"
         lines.append(f"{i + 1:>5}  {g:.4f}    {r}")
     return "\n".join(lines)
+
+
+from vptool.cli_sweep import SWEEP_EPILOG, sweep_command  # noqa: E402  (the sweep command lives in its own module)
+
+app.command("sweep", epilog=SWEEP_EPILOG)(cli_errors(single_process("sweep")(sweep_command)))
 
 
 @app.command()
