@@ -15,6 +15,8 @@ import pytest
 import yaml
 from conftest import invoke_cli, run_cli
 
+from vptool.recipe import Recipe, _all_paths
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 DIGITS = [p for p in RECIPES if "dataset: digits" in p.read_text()]
@@ -58,6 +60,16 @@ def test_paper_recipes_cover_the_issue_tables():
         assert head[0] == f"# vptool train recipes/{p.name}"
         text = " ".join(line.lstrip("#").strip() for line in head[:8])
         assert "Table" in text and "% top-1" in text, p.name
+        # the grid the paper searched, as the exact sweep command (valid keys; VPT Table 6's values for VPT)
+        sweep = [ln.lstrip("#").split() for ln in head if ln.lstrip("# ").startswith("vptool sweep")]
+        assert len(sweep) == 1 and sweep[0][2] == f"recipes/{p.name}", p.name
+        grid = {b.split("=")[0]: b.split("=", 1)[1].split(",") for a, b in zip(sweep[0], sweep[0][1:]) if a == "--grid"}
+        assert grid and set(grid) <= set(_all_paths(Recipe)), (p.name, grid)
+        if p.name.startswith("vpt_"):
+            assert [float(v) for v in grid["train.lr"]] == [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05]
+            assert [float(v) for v in grid["train.weight_decay"]] == [0.01, 0.001, 0.0001, 0]
+            assert "lr_scaling=linear" in " ".join(sweep[0]) or yaml.safe_load(p.read_text())["train"].get(
+                "lr_scaling") == "linear"
 
 
 @pytest.mark.parametrize("path", DIGITS, ids=[p.name for p in DIGITS])
