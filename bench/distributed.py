@@ -38,17 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return [f for f in FLAGS if f in have]
+from export import cpu_flags  # bench/export.py: the CPU flags that decide fp32/bf16 speed
 
 
 def run_once(cmd: list[str], env: dict) -> tuple[float, float, float]:

@@ -470,6 +470,17 @@ def backbone_kwargs_problems(kwargs: dict) -> list[str]:
     return out
 
 
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A recipe mapping as ``{dotted key: value}`` (``backbone.kwargs`` stays one value)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     """Return ``base`` updated by ``over`` recursively (nested mappings merged, other values replaced)."""
     out = copy.deepcopy(base)

@@ -920,7 +920,7 @@ class Sweep:
     def _finished_summary(self, run: Path, i: int, name: str) -> dict:
         """The summary of a finished run directory, after checking it was trained with this trial's recipe."""
         from vptool.engine.runstate import read_json
-        from vptool.recipe import load_recipe, read_yaml, resolve_saved
+        from vptool.recipe import flat_keys, load_recipe, read_yaml, resolve_saved
 
         try:
             summary = read_json(run / "summary.json")
@@ -928,7 +928,7 @@ class Sweep:
             expected = load_recipe(self.recipe_path, self._trial_sets(i, name))
         except UserError as exc:
             raise TrialFailed(str(exc).splitlines()[0]) from None
-        a, b = _flat(saved.to_dict()), _flat(expected.to_dict())
+        a, b = flat_keys(saved.to_dict()), flat_keys(expected.to_dict())
         diff = [k for k in sorted(set(a) | set(b)) if k not in RESERVED_KEYS and a.get(k) != b.get(k)]
         if diff:
             k = diff[0]
@@ -1003,16 +1003,6 @@ class Sweep:
 
             save(sweep_figure(self.grid, rows, best), self.outputs["png"])
         return data
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def best_row(rows: list[dict]) -> dict | None:

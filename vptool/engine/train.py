@@ -45,7 +45,7 @@ from vptool.engine.setup import Setup, autocast, prepare
 from vptool.errors import RunError, UserError
 from vptool.paths import write_text_atomically
 from vptool.prompting.model import format_parameter_summary
-from vptool.recipe import Recipe, dump_recipe
+from vptool.recipe import Recipe, dump_recipe, flat_keys
 
 log = logging.getLogger(__name__)
 
@@ -175,20 +175,10 @@ def run_path(recipe: Recipe) -> Path:
 _RESUME_FREE = {"train.epochs", "output.save_every_steps", "output.dir", "output.name"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def recipe_changes(saved: Recipe, new: Recipe) -> list[tuple[str, object, object]]:
     """``[(key, saved value, new value)]`` for the keys that differ, except those a resume may change
     (``train.epochs``, ``output.save_every_steps``, and ``output.dir``/``output.name``, which locate the run)."""
-    a, b = _flat(saved.to_dict()), _flat(new.to_dict())
+    a, b = flat_keys(saved.to_dict()), flat_keys(new.to_dict())
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in _RESUME_FREE and a.get(k) != b.get(k)]
 
 
