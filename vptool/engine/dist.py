@@ -339,14 +339,6 @@ def gather_objects(obj, what: str) -> list:
     return out
 
 
-def barrier(what: str) -> None:
-    if context().active:
-        import torch.distributed as td
-
-        kw = {"device_ids": [_collective_device().index]} if _collective_device().type == "cuda" else {}
-        collective(what, lambda: td.barrier(**kw))
-
-
 def shared_decision(fn, what: str):
     """Run ``fn`` on rank 0 only and give every rank its result, or its ``UserError`` (raised on every rank, so
     the ranks agree on refusing; only rank 0 prints it)."""
