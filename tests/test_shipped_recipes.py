@@ -136,9 +136,15 @@ def test_dry_run_refuses_a_stand_in_with_another_class_count(tmp_path):
     assert "data.num_classes" in res.stderr and "101" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+#: the variants train for 10 of their shipped 20 epochs here (CI time): measured 98.1 % (GateVPT, 8 epochs) and
+#: 96.9 % (VPTM, 10 epochs) test top-1 on this CPU, so 95 % still fails a variant that does not learn
+VARIANT_EPOCHS = 10
+
+
 @pytest.mark.parametrize("name,min_top1", [("quickstart_gatevpt.yaml", 95.0), ("quickstart_vptm.yaml", 95.0)])
 def test_digits_variants_train_end_to_end(name, min_top1, tmp_path):
-    proc = run_cli("train", str(ROOT / "recipes" / name), "--json", "--set", f"output.dir={tmp_path}")
+    proc = run_cli("train", str(ROOT / "recipes" / name), "--json", "--set", f"output.dir={tmp_path}", "--set",
+                   f"train.epochs={VARIANT_EPOCHS}")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     run = tmp_path / Path(name).stem
