@@ -238,8 +238,13 @@ class StreamingKMeans:
 
 def merge_summaries(parts: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor,
                                                                                       float]:
-    """One set's summaries from several streams (ranks) as one: points and weights concatenated, within-group
-    sums of squares added (each point keeps the tokens it stands for, so the union summarises all tokens)."""
+    """One set's summaries from several streams (ranks) as one: points (m_r, D) and weights (m_r,) concatenated
+    to (sum m_r, D) and (sum m_r,), within-group sums of squares (squared token units) added. Each point keeps the
+    tokens it stands for, so the union summarises all tokens (Guha et al. 2003, divide and conquer).
+
+    Raises:
+        RuntimeError: ``parts`` is empty (torch.cat of nothing).
+    """
     pts = torch.cat([p for p, _, _ in parts])
     w = torch.cat([x for _, x, _ in parts])
     return pts, w, float(sum(v for _, _, v in parts))
