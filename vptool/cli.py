@@ -314,9 +314,6 @@ def train(
     SIGINT/SIGTERM stop after the current step, write checkpoints/last.pt and exit 130/143; --resume continues.
     Method presets (recipe key `method`) fill defaults the recipe can override.
     """
-    from vptool.engine.setup import dry_run as dry_run_recipe
-    from vptool.engine.train import train as run_train
-    from vptool.prompting.model import format_parameter_summary
     from vptool.recipe import dump_recipe, load_recipe, load_run_recipe
 
     if recipe.is_dir():
@@ -328,9 +325,13 @@ def train(
         r = load_run_recipe(recipe, set_ or [])
     else:
         r = load_recipe(recipe, set_ or [])
+    # torch, timm and torchvision load only now: --help and a bad recipe answer without them
     if dry_run:
         if not _is_main():  # under torchrun rank 0 alone checks and prints
             return
+        from vptool.engine.setup import dry_run as dry_run_recipe
+        from vptool.prompting.model import format_parameter_summary
+
         plan = dry_run_recipe(r)
         for item in plan["inputs"]:
             if not item["exists"]:
@@ -349,6 +350,8 @@ def train(
               f"({plan['memory_available_bytes'] / 2**30:.1f} GiB available)")
         print("ready: all inputs found" if plan["ready"] else "not ready: inputs missing (see warnings)")
         return
+    from vptool.engine.train import train as run_train
+
     command = " ".join(["vptool train", _shell_quote(str(recipe)), *(f"--set {_shell_quote(x)}" for x in set_ or []),
                         "--overwrite" if overwrite else "", "--resume"]).replace("  ", " ")
     summary = run_train(r, overwrite=overwrite, resume=resume, observer=RichObserver(quiet=json_out or not _is_main()),
@@ -405,11 +408,12 @@ def init_prompts(
     independent of the dataset size); the pooling and random strategies use one seeded batch. Train from the
     file with prompt.init: file and prompt.init_file: FILE.
     """
-    from vptool.engine.init_prompts import InitSpec, build_prompt_init, write_prompt_file
-    from vptool.prompting.spt import STRATEGIES
     from vptool.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
+    from vptool.engine.init_prompts import InitSpec, build_prompt_init, write_prompt_file
+    from vptool.prompting.spt import STRATEGIES
+
     if strategy is None and r.prompt.init not in STRATEGIES:
         strategy = "kmeans"
     spec = InitSpec.from_recipe(r, strategy, fraction, source, form, seed)
@@ -470,7 +474,6 @@ def probe_nmi(
     For block i: P = the prompts entering it (deep: set i; shallow/gated: the propagated prompt rows), E = the
     patch tokens entering it. Writes a CSV, a JSON and a PNG plot (NMI vs block, or with --history NMI vs epoch).
     """
-    from vptool.engine import probe as pr
     from vptool.recipe import load_recipe
 
     _one_process("probe-nmi")
@@ -485,6 +488,8 @@ def probe_nmi(
         raise UserError(f"--max-images: {max_images} must be at least 1")
     if compare and not history:
         raise UserError("--compare: compares prompt histories; add --history")
+    from vptool.engine import probe as pr
+
     if output is None:
         recipe = None
         if target.is_file() and target.suffix in (".yaml", ".yml"):
@@ -555,6 +560,10 @@ def eval_(
     Writes RUN_DIR/eval/<split>.json (per-class accuracy, confusion matrix) and, for gated prompts,
     eval/gates.csv + gates.json (GateVPT eq. 10-11); a later eval of the same split replaces them.
     """
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split: {split!r} is not train, val or test")
+    if save_logits is not None:
+        check_new_file(save_logits, "--save-logits", ".npy", overwrite)
     import numpy as np
 
     from vptool.engine.evaluate import (
@@ -567,10 +576,6 @@ def eval_(
         write_eval_report,
     )
 
-    if split not in ("train", "val", "test"):
-        raise UserError(f"--split: {split!r} is not train, val or test")
-    if save_logits is not None:
-        check_new_file(save_logits, "--save-logits", ".npy", overwrite)
     recipe, setup = load_run(run_dir, device, last=last)
     loader = eval_loader(setup, recipe, split)
     logits, labels = predict(setup.model, loader, setup.device, setup.amp_dtype)
@@ -689,8 +694,6 @@ def predict(
     Images go through the model's own evaluation transform. Rows go to stdout (or -o), progress and messages
     to stderr. An unreadable image stops the command before any output (exit 2), unless --skip-bad.
     """
-    from vptool.engine.predict import run_predict
-
     _one_process("predict")
     if json_lines and csv_out:
         raise UserError("--json/--csv: choose one output format")
@@ -700,6 +703,8 @@ def predict(
         raise UserError(f"--batch-size: {batch_size} must be at least 1")
     if output is not None:
         check_new_file(output, "-o", None, overwrite)
+    from vptool.engine.predict import run_predict
+
     obs = RichObserver(quiet=False)
     summary = run_predict(source, inputs, top_k=top_k, batch_size=batch_size, fmt="csv" if csv_out else "json",
                           output=output, skip_bad=skip_bad, backbone_checkpoint=backbone_checkpoint,

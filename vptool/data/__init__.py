@@ -12,11 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-
-from vptool.data.files import FileListDataset, TargetSubset, checked_loader, stratified_holdout
 from vptool.errors import UserError
 from vptool.options import TrainTransform, choices
 
@@ -28,6 +25,19 @@ FGVC_RESIZE_RATIO = (256, 224)
 
 __all__ = ["Splits", "build_transforms", "build_splits", "check_layout", "make_loader", "FileListDataset",
            "TargetSubset", "TRAIN_TRANSFORMS"]
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader, Dataset
+
+
+def __getattr__(name: str):
+    """``FileListDataset`` and ``TargetSubset`` on first use: importing this package (the recipe checks do, and
+    so does the CLI's start) must not import torch."""
+    if name in ("FileListDataset", "TargetSubset"):
+        from vptool.data import files
+
+        return getattr(files, name)
+    raise AttributeError(f"module 'vptool.data' has no attribute {name!r}")
 
 
 @dataclass
@@ -62,6 +72,7 @@ def build_transforms(data_config: dict, train_transform: str, from_pil: bool):
     Raises:
         UserError: an unknown ``train_transform``.
     """
+    import torch
     from torchvision.transforms import v2
 
     if train_transform not in TRAIN_TRANSFORMS:
@@ -84,6 +95,8 @@ def build_transforms(data_config: dict, train_transform: str, from_pil: bool):
 def _image_folder(root: Path, transform):
     from torchvision.datasets import ImageFolder
 
+    from vptool.data.files import checked_loader
+
     try:
         return ImageFolder(str(root), transform=transform, loader=checked_loader)
     except FileNotFoundError as exc:
@@ -92,6 +105,8 @@ def _image_folder(root: Path, transform):
 
 def _stratified_holdout(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """imagefolder's seeded stratified hold-out (``files.stratified_holdout`` with its fix hint)."""
+    from vptool.data.files import stratified_holdout
+
     return stratified_holdout(targets, fraction, seed, what="train", fix="add a val/ folder or change "
                               "data.val_fraction")
 
@@ -112,6 +127,8 @@ def _imagefolder_layout(data) -> Path:
 
 
 def _imagefolder(data, train_tf, eval_tf) -> Splits:
+    from vptool.data.files import TargetSubset
+
     root = _imagefolder_layout(data)
     train = _image_folder(root / "train", train_tf)
     test = _image_folder(root / "test", eval_tf)
@@ -232,7 +249,10 @@ def build_splits(data, data_config: dict, train_eval_transform: bool = False) ->
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
                 pin_memory: bool, sampler=None) -> DataLoader:
     """A DataLoader with a seeded shuffle order (``torch.Generator``) and pinned memory on CUDA; ``sampler``
-    (e.g. the training loop's resumable ``EpochSampler``) replaces the shuffle."""
+    (e.g. the training loop's resumable ``TrainSampler``) replaces the shuffle."""
+    import torch
+    from torch.utils.data import DataLoader
+
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None,
