@@ -26,6 +26,7 @@ TrainTransform = Literal["vtab", "fgvc"]
 Optimizer = Literal["sgd", "adamw"]
 LrScaling = Literal["none", "linear"]
 Precision = Literal["auto", "fp32", "bf16"]
+FeatureCache = Literal["auto", "off"]
 BackboneFormat = Literal["auto", "timm", "mae", "mocov3", "mocov3-linear", "jax-npz", "beitv2-pretrain"]
 VtabSplit = Literal["final", "tune"]
 

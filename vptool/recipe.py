@@ -25,6 +25,7 @@ from vptool.data.catalog import dataset_problem, expected_classes
 from vptool.errors import RecipeError, UserError
 from vptool.options import (
     BackboneFormat,
+    FeatureCache,
     GateKind,
     HeadType,
     InitForm,
@@ -156,8 +157,14 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "weight decay")
     warmup_epochs: int = _f(0, "linear warmup epochs, then cosine decay")
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
-    precision: Precision = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
-    compile: bool = _f(False, "torch.compile the prompted model")
+    precision: Precision = _f("auto", "auto (bf16 autocast on a CUDA device with bf16, else fp32; fp32 on CPU) | "
+                                      "fp32 | bf16 (warns on a CPU without avx512_bf16/amx_bf16: emulated, ~10-100x "
+                                      "slower)")
+    compile: bool = _f(False, "torch.compile the prompted model (and the head on cached features)")
+    feature_cache: FeatureCache = _f("auto", "auto: when nothing before the readout trains (tune: head, or frozen "
+                                     "prompts without gates, temperature or a learned [MASK]) and the train "
+                                     "transform is deterministic (vtab), run the backbone once per split and train "
+                                     "the head on the cached features | off")
 
 
 @dataclass
@@ -313,7 +320,9 @@ def _check(tp, value, path: str, errors: list[str]):
         return _build(tp, value, path, errors)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value in choices:
+        if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false
+            return "off"
+        if isinstance(value, str) and value in choices:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

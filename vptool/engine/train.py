@@ -172,7 +172,7 @@ def run_path(recipe: Recipe) -> Path:
     return parent / recipe.output.name
 
 
-_RESUME_FREE = {"train.epochs", "output.save_every_steps", "output.dir", "output.name"}
+_RESUME_FREE = {"train.epochs", "train.feature_cache", "output.save_every_steps", "output.dir", "output.name"}
 
 
 def recipe_changes(saved: Recipe, new: Recipe) -> list[tuple[str, object, object]]:
@@ -293,9 +293,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _all_finite(tensors) -> bool:
+def _finite_flag(tensors, device: torch.device | None = None) -> torch.Tensor:
+    """A 0-d float tensor (on ``device``), 1.0 when every tensor (None skipped) is finite, else 0.0; no host
+    sync."""
     ts = [t for t in tensors if t is not None]
-    return not ts or bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+    if not ts:
+        return torch.tensor(1.0, device=device)
+    return torch.stack([torch.isfinite(t).all() for t in ts]).all().float().to(device)
+
+
+def _all_finite(tensors) -> bool:
+    return bool(_finite_flag(tensors))
 
 
 def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = None,
@@ -366,7 +374,7 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
                 write_prompt_file(work / "prompt_init.safetensors", *setup.prompt_init, overwrite=True)
         command = resume_command or f"vptool train {final} --resume"
         with StopSignals() as stop:
-            summary = _fit(recipe, setup, work, final, obs, t_start, plan.checkpoint, stop, command, job)
+            summary = _fit(recipe, setup, work, final, obs, t_start, plan.checkpoint, stop, command, job, held)
         if work != final and job.main:
             swap_in(work, final)
         return summary
@@ -388,7 +396,7 @@ class _Stop(Exception):
 
 
 def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_start: float,
-         ckpt: dict | None, stop, resume_command: str, job) -> dict:
+         ckpt: dict | None, stop, resume_command: str, job, cleanup=None) -> dict:
     """The epochs, the best-validation adapter, the test evaluation and the run files (written into ``run``;
     ``final`` is the name they will have; only rank 0 writes).
 
@@ -431,21 +439,28 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         return lr_factor(s, total_steps, warmup_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    from vptool.engine import features
+
+    cached, why_not = features.decide(recipe, model)  # nothing before the head trains: features once per split
+    if why_not:
+        obs.note(why_not)
+    head = features.FeatureHead(model) if cached else None
+    trained = head if cached else model  # what each step runs: the head on cached features, or the whole model
     evaluator = torch.compile(model) if t.compile else model
     if W > 1:  # gradients of the trainable tensors only: the frozen backbone is neither synced nor broadcast
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        frozen += [n for n, _ in model.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        frozen = [n for n, p in trained.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in trained.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(trained, frozen)
+        ddp = DDP(trained, device_ids=[device.index] if device.type == "cuda" else None)
         fwd = torch.compile(ddp) if t.compile else ddp
         if job.rank:  # augmentation and prompt dropout: an independent stream per rank
             from vptool.engine.setup import seed_everything
 
             seed_everything(recipe.seed + job.rank)
     else:
-        fwd = evaluator
+        fwd = (torch.compile(head) if t.compile else head) if cached else evaluator
     adapter_meta = {"vptool_version": vptool.__version__, "method": recipe.method, "backbone": setup.backbone.name}
     adapter_path, metrics_path = run / "adapter.safetensors", run / "metrics.jsonl"
     history = recipe.output.save_prompt_history and model.prompts is not None
@@ -508,7 +523,8 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         runstate.save_checkpoint(run / CHECKPOINT, state)
 
     def evaluate(loader, point: str, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``predict`` over ``loader``; a stop signal abandons it (raises ``_Stop``) at the next batch."""
+        """``predict`` over ``loader`` (the validation split from the feature cache when there is one); a stop
+        signal abandons it (raises ``_Stop``) at the next batch."""
 
         def batch() -> None:
             if on_batch is not None:
@@ -517,7 +533,20 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
             if stop.signum and W == 1:  # with several ranks the stop is agreed on after the pass (stop_agreed)
                 raise _Stop
 
+        if cache is not None and point == "val":
+            return features.predict_cached(head, cache, "val", d.eval_batch_size, device, amp, on_batch=batch)
         return predict(evaluator, loader, device, amp, on_batch=batch)
+
+    def batches():
+        """This epoch's (x, y, w) batches: images from the loader, or rows of the feature cache in the same order
+        (``TrainSampler``: index N + i is image i as padding, weight 0)."""
+        if cache is None:
+            yield from train_loader
+            return
+        order = torch.tensor(list(sampler), dtype=torch.int64)
+        for s in range(0, len(order), B // W):
+            j = order[s:s + B // W]
+            yield cache.rows("train", j % N, device), cache.labels["train"][j % N], (j < N).float()
 
     def write_metrics() -> None:
         if main:
@@ -539,6 +568,16 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         return exc
 
     write_metrics()  # a fresh run starts empty; a resumed one drops lines a killed attempt wrote past last.pt
+    cache = None
+    if cached and start_epoch <= epochs:
+        cache = features.build(model, setup, recipe, run, job.rank, obs, lambda s: eval_loader(setup, recipe, s))
+        if cleanup is not None:
+            cleanup.callback(cache.close)  # a failed or stopped run removes a file-backed cache too
+        signum = stop_agreed()
+        if signum:
+            cache.close()
+            checkpoint(start_epoch - 1, start_step)
+            raise stopped("while caching the features", signum)
     every = recipe.output.save_every_steps
     global_step = scheduler.last_epoch
     lr = running["lr"] if running["lr"] is not None else optimizer.param_groups[0]["lr"]
@@ -548,10 +587,10 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         if not skip:
             running = {"loss_sum": 0.0, "correct": 0, "seen": 0, "lr": None}
         sampler.set_epoch(epoch, skip * (B // W))
-        model.train()
+        trained.train()
         obs.epoch_start(epoch, epochs, steps)
         step = skip
-        for x, y, w in train_loader:
+        for x, y, w in batches():
             x = x.to(device, non_blocking=True)
             y = torch.as_tensor(y).to(device, non_blocking=True)
             w = w.to(device, non_blocking=True)
@@ -560,24 +599,23 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
                 logits = fwd(x)
             ce = F.cross_entropy(logits.float(), y, reduction="none") * w
             loss = ce.sum() * (W / n_real)
-            local = torch.stack([ce.sum().detach(), ((logits.argmax(dim=1) == y).float() * w).sum(), w.sum(),
-                                 torch.tensor(float(stop.signum or 0), device=device)])
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
-            if W == 1:  # one process: refuse a non-finite loss before backward
-                loss_sum, correct, seen, signum = local.tolist()
-                if not math.isfinite(loss_sum):
-                    raise _nonfinite("loss", loss_sum / max(seen, 1), epoch, step + 1, steps, lr, best, recipe, run)
             if W > 1:  # DDP all-reduces the trainable gradients here
                 dist.collective("the gradient all-reduce", loss.backward)
             else:
                 loss.backward()
-            if W > 1:
-                loss_sum, correct, seen, signum = dist.all_reduce(local, "the training step").tolist()
-                if not math.isfinite(loss_sum):
-                    raise _nonfinite("loss", loss_sum / max(seen, 1), epoch, step + 1, steps, lr, best, recipe, run)
+            # the step's numbers in one tensor and one host sync: loss sum, correct, images, stop flag, finite grads
+            local = torch.stack([ce.sum().detach(), ((logits.argmax(dim=1) == y).float() * w).sum(), w.sum(),
+                                 torch.tensor(float(stop.signum or 0), device=device),
+                                 _finite_flag((p.grad for p in params), device)])
+            if W > 1:  # every rank gets the same numbers (a summed finite flag of W: every rank's gradients)
+                local = dist.all_reduce(local, "the training step")
+            loss_sum, correct, seen, signum, grads_ok = local.tolist()
+            if not math.isfinite(loss_sum):
+                raise _nonfinite("loss", loss_sum / max(seen, 1), epoch, step + 1, steps, lr, best, recipe, run)
             value = loss_sum / max(seen, 1)
-            if not _all_finite(p.grad for p in params):
+            if grads_ok < W:
                 raise _nonfinite("gradient", "nan/inf", epoch, step + 1, steps, lr, best, recipe, run)
             try:
                 optimizer.step()
@@ -631,6 +669,8 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
         if signum:
             raise stopped(f"after epoch {epoch}", signum)
 
+    if cache is not None:
+        cache.close()
     model.load_adapter_state_dict(best_state)
     test_loader = eval_loader(setup, recipe, "test")
     obs.eval_start("test", len(test_loader))

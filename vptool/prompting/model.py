@@ -469,6 +469,10 @@ class PromptedViT(nn.Module):
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
         """Pool then norm: (B, T, D) tokens from ``forward_features`` -> (B, D) features for the head."""
+        return self.norm_pooled(self.pool(x))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The readout's pooling (``readout.pool``): (B, T, D) tokens -> (B, D), before the readout norm."""
         order = self.output_order
         n = self.num_prefix_tokens
         N = x.shape[1] - sum(self._lengths(0)[ch] for ch in order if ch != "X")
@@ -481,6 +485,10 @@ class PromptedViT(nn.Module):
             z = x[:, sl["M"].start]
         else:  # avg_all: every row after the prefix tokens
             z = x[:, n:].mean(dim=1)
+        return z
+
+    def norm_pooled(self, z: torch.Tensor) -> torch.Tensor:
+        """The readout's norm (``readout.norm``) on pooled (B, D) features."""
         if self.readout_norm == "pretrained":
             bb = self.backbone
             norm = bb.norm if not isinstance(bb.norm, nn.Identity) else bb.fc_norm
@@ -614,7 +622,8 @@ class PromptedViT(nn.Module):
                 (uint8 tensors are scaled by 1/255), or a list of paths / PIL images / (3, H, W) tensors. Any
                 PIL mode is converted to RGB (grayscale, palette, RGBA, 16-bit).
             top_k: classes per image (capped at K).
-            batch_size: images per forward pass (on the model's device; bf16 autocast on CUDA, fp32 on CPU).
+            batch_size: images per forward pass (on the model's device; bf16 autocast on a CUDA device with bf16,
+                fp32 on CPU).
 
         Returns:
             One dict per image, in input order: ``{"classes": [k class names], "probs": [k softmax
