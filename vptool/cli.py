@@ -419,6 +419,11 @@ def init_prompts(
     spec = InitSpec.from_recipe(r, strategy, fraction, source, form, seed)
     check_new_file(output, "-o", ".safetensors", overwrite)  # refuse a bad or existing -o before any slow work
     obs = RichObserver(quiet=json_out or not _is_main())
+    from vptool.engine.setup import precision_warning, resolve_device
+
+    slow = precision_warning(r.train.precision, resolve_device(r.train.device))
+    if slow and _is_main():
+        obs.note(slow)
     try:
         name, tensor, meta = build_prompt_init(r, spec, observer=obs)
     finally:

@@ -160,12 +160,14 @@ def predict_images(model, images, top_k: int = 5, batch_size: int = 64) -> list[
 # ------------------------------------------------------------------------------------------------ runners
 class TorchRunner:
     """A ``PromptedViT`` as a batch function in eval mode: (B, 3, H, W) -> (B, K) float32 logits on CPU, with
-    bf16 autocast on CUDA and fp32 on CPU (``precision: auto``)."""
+    bf16 autocast on a CUDA device with bf16 and fp32 elsewhere (``precision: auto``)."""
 
     def __init__(self, model):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        from vptool.engine.setup import autocast_dtype
+
+        self.amp_dtype = autocast_dtype("auto", self.device)
         self.classes = list(model.class_names or [str(k) for k in range(model.num_classes)])
         self.data_config = model.data_config
         self.eval_transform = model.eval_transform
@@ -215,7 +217,7 @@ class OnnxRunner:
 
 def open_source(source: str | Path, device: str | None = None, backbone_checkpoint: str | Path | None = None):
     """The runner for ``vptool predict SOURCE``: an ``.onnx`` file (onnxruntime), or a run directory / adapter
-    folder (``vptool.load``; bf16 autocast on CUDA, fp32 on CPU).
+    folder (``vptool.load``; bf16 autocast on a CUDA device with bf16, fp32 on CPU).
 
     Raises:
         UserError: see ``OnnxRunner`` and ``vptool.load``.

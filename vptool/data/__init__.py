@@ -89,6 +89,8 @@ def build_transforms(data_config: dict, train_transform: str, from_pil: bool):
     else:
         train = v2.Compose(head + [v2.Resize(size, antialias=True), norm])
         evaluate = train
+    train.vptool_deterministic = train_transform != "fgvc"  # vptool.data.files.is_deterministic
+    evaluate.vptool_deterministic = True
     return train, evaluate
 
 

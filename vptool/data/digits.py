@@ -12,6 +12,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
+from vptool.data.files import is_deterministic
+
 CLASSES = [str(i) for i in range(10)]
 
 
@@ -50,11 +52,18 @@ class DigitsDataset(Dataset):
         self.images = torch.from_numpy(images).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
         self.targets = labels.tolist()
         self.transform = transform
+        # a deterministic transform (vtab resize + normalise, every eval transform) gives the same tensor every
+        # epoch: apply it once to the whole split (one batched call) instead of per image per epoch
+        self.transformed = None
+        if transform is not None and is_deterministic(transform):
+            self.transformed = transform(self.images).contiguous()
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int):
+        if self.transformed is not None:
+            return self.transformed[i], self.targets[i]
         x = self.images[i]
         if self.transform is not None:
             x = self.transform(x)

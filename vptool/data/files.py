@@ -18,6 +18,12 @@ from torch.utils.data import Dataset, Subset
 from vptool.errors import UserError
 
 
+def is_deterministic(transform) -> bool:
+    """True for a transform ``vptool.data.build_transforms`` built without randomness (``vtab`` training, every
+    evaluation transform): the same input always gives the same tensor, so it may be applied once and kept."""
+    return bool(getattr(transform, "vptool_deterministic", False))
+
+
 def to_rgb(img):
     """A PIL image of any mode as 8-bit RGB.
 

@@ -141,7 +141,16 @@ def load_run(run_dir: str | Path, device: str | None = None, train_eval_transfor
     read_json(run / "summary.json")  # a truncated summary is named, not ignored
     model, info, _ = load_with_info(run, dev)
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=train_eval_transform)
+    _warn_precision(recipe, dev)
     return recipe, Setup(model, splits, info, dev, autocast_dtype(recipe.train.precision, dev))
+
+
+def _warn_precision(recipe: Recipe, device: torch.device) -> None:
+    from vptool.engine.setup import precision_warning
+
+    slow = precision_warning(recipe.train.precision, device)
+    if slow:
+        log.warning(slow)
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from vptool.errors import UserError
 from vptool.prompting.model import PromptedViT
 from vptool.recipe import Recipe
 
+log = logging.getLogger(__name__)
 
 def resolve_device(spec: str | torch.device, key: str = "train.device") -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``.
@@ -43,10 +45,28 @@ def resolve_device(spec: str | torch.device, key: str = "train.device") -> torch
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: ``auto`` is bf16 on CUDA and fp32 (no autocast) on CPU."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """The autocast dtype for ``train.precision``: ``bf16`` is bf16 autocast on any device (on a CPU without
+    native bf16 it runs emulated and slowly: ``precision_warning``); ``auto`` is bf16 on a CUDA device that
+    supports it (``torch.cuda.is_bf16_supported``: Ampere and newer) and fp32 (no autocast) elsewhere, the CPU
+    included; ``fp32`` is no autocast."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and _cuda_bf16(device):
         return torch.bfloat16
     return None
+
+
+def _cuda_bf16(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def precision_warning(precision: str, device: torch.device) -> str | None:
+    """One line when ``precision`` will be slow on ``device`` (bf16 on a CPU without avx512_bf16/amx_bf16,
+    ``vptool.hardware``), else None."""
+    from vptool.hardware import bf16_cpu_warning
+
+    return bf16_cpu_warning(precision, device.type)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -142,6 +162,9 @@ def prepare(recipe: Recipe, device: torch.device | None = None, observer=None, f
     from vptool.prompting.spt import STRATEGIES
 
     device = device or resolve_device(recipe.train.device)
+    slow = precision_warning(recipe.train.precision, device)
+    if slow:
+        (observer.note if observer is not None else log.warning)(slow)
     b = recipe.backbone
     seed_everything(recipe.seed)  # a backbone without weights (pretrained: false) is then rebuilt identically
     backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
