@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from export import cpu_flags  # bench/export.py: the CPU flags that decide fp32/bf16 speed
+from vptool.hardware import cpu_flags  # the CPU flags that decide fp32/bf16 speed
 
 
 def run_once(cmd: list[str], env: dict) -> tuple[float, float, float]:

@@ -48,24 +48,12 @@ from pathlib import Path
 
 import torch
 
+from vptool.hardware import FLAGS, cpu_flags
+
 TARGET = 1.2
 MODEL = "vit_base_patch16_224"
 QUICK_KWARGS = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 VARIANTS = {"vpt-deep": "deep", "vpt-shallow": "shallow"}
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx_vnni")
-
-
-def cpu_flags() -> list[str]:
-    """The CPU flags (from /proc/cpuinfo) that decide fp32/bf16 speed."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return [f for f in FLAGS if f in have]
-
-
 def build(variant: str, np_: int, quick: bool, seed: int = 0):
     """A PromptedViT with random prompts and head (eval mode, no grad), and the backbone name."""
     import vptool

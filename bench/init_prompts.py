@@ -128,6 +128,9 @@ def main() -> None:
     ra = large["kmeans_s"] / large["extract_s"]
     rb = max(q["inertia_ratio_per_level"])
     rc = large["peak_rss_mb"] / small["peak_rss_mb"]
+    from vptool.hardware import cpu_flags
+
+    print(f"CPU flags: {' '.join(cpu_flags()) or '-'}")
     print(f"device {dev} ({torch.get_num_threads()} threads); ViT-B/16 width, 12 levels, k = {K}, "
           f"summary {large['summary_size']} micro-centres per level")
     print(f"streaming pass, {large['images']} images ({large['tokens_per_level']:,d} tokens per level): "

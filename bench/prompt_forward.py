@@ -85,6 +85,7 @@ import torch
 import torch.nn.functional as F
 
 from vptool.backbones.build import build_backbone
+from vptool.hardware import cpu_flags, cpu_native_bf16
 from vptool.prompting.model import PromptedViT
 
 VARIANTS = {
@@ -204,21 +205,29 @@ def autocast_ctx(device: torch.device, precision: str):
     return nullcontext()
 
 
-def bench_train(model: PromptedViT, x, y, precision, device, warmup, steps, mem: Memory) -> dict:
+def bench_train(model: PromptedViT, x, y, precision, device, warmup, steps, mem: Memory,
+                compiled: bool = False) -> dict:
+    """One training step, eager or with ``torch.compile(model)`` (what ``train.compile: true`` does); the
+    compile happens in the first warm-up step, whose time is reported as ``first_step_s``."""
     opt = torch.optim.SGD(model.trainable_parameters(), lr=1e-3, momentum=0.9)
     model.train()
+    fwd = torch.compile(model) if compiled else model
 
     def step():
         opt.zero_grad(set_to_none=True)
         with autocast_ctx(device, precision):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(fwd(x), y)
         loss.backward()
         opt.step()
 
     mem.start()
-    times, cpu = time_steps(step, warmup, steps, device)
+    t = time.perf_counter()
+    step()  # the first step (for a compiled model: the compile)
+    _sync(device)
+    first = time.perf_counter() - t
+    times, cpu = time_steps(step, max(0, warmup - 1), steps, device)
     out = mem.stop()
-    return {"times_s": times, "cpu_s": cpu, **out}
+    return {"times_s": times, "cpu_s": cpu, "first_step_s": first, **out}
 
 
 def bench_eval(model: PromptedViT, x, precision, device, warmup, steps, mem: Memory) -> dict:
@@ -284,6 +293,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-check", action="store_true", help="skip the prefix/concat correctness check")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="FILE", help="also write all numbers to FILE as JSON")
+    ap.add_argument("--compile-variants", default="deep-prefix",
+                    help="variants whose training step is also timed under torch.compile (train.compile: true), "
+                         "for the eager-vs-compiled column; comma-separated, 'none' to skip (default deep-prefix)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke check: tiny ViT (32 px, D=64, depth 2), Np 4,16, 1 warm-up + 1 timed step")
     args = ap.parse_args(argv)
@@ -297,9 +309,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
     args.variants = [s.strip() for s in args.variants.split(",") if s.strip()]
     args.modes = [s.strip() for s in args.modes.split(",") if s.strip()]
+    args.compile_variants = [s.strip() for s in args.compile_variants.split(",") if s.strip() not in ("", "none")]
     for name, vals, allowed in (("--precisions", args.precisions, ("fp32", "bf16")),
                                 ("--variants", args.variants, tuple(VARIANTS)),
-                                ("--modes", args.modes, ("train", "eval"))):
+                                ("--modes", args.modes, ("train", "eval")),
+                                ("--compile-variants", args.compile_variants or ["deep-prefix"], tuple(VARIANTS))):
         bad = [v for v in vals if v not in allowed]
         if bad or not vals:
             ap.error(f"{name}: {bad or 'empty'}; choose from {','.join(allowed)}")
@@ -348,6 +362,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(), "os_cpu_count": os.cpu_count(),
         "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "cpu_flags": cpu_flags(), "cpu_native_bf16": cpu_native_bf16(),
         "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
     }
     try:
@@ -406,6 +421,13 @@ def main(argv=None) -> int:
                             + (f", CPU use {util:.0%} of {torch.get_num_threads()} threads" if util else "") + "), "
                             f"peak RSS {r['peak_rss_mib']:.0f} MiB"
                             + (f", peak GPU {r['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in r else ""))
+                if "train" in args.modes and variant in args.compile_variants:
+                    r = bench_train(model, x, y, prec, device, args.warmup, args.steps, mem, compiled=True)
+                    med = statistics.median(r["times_s"])
+                    row["train_compiled"] = {"step_s_median": med, "images_per_s": B / med, **r}
+                    log(t0, f"{prec:4s} Np={np_:<4d} {variant:11s} train, torch.compile: {B / med:8.2f} img/s "
+                            f"(median {med:.3f}s; first step with the compile {r['first_step_s']:.1f}s; "
+                            f"{row['train']['step_s_median'] / med:.2f}x eager)")
                 results.append(row)
                 del model
                 if device.type == "cuda":
@@ -444,6 +466,8 @@ def main(argv=None) -> int:
             f"device {device}{' (' + env['device_name'] + ')' if env['device_name'] else ''}, "
             f"threads {env['threads']}, cpu capability {env['cpu_capability']}, torch {env['torch']}, "
             f"timm {env.get('timm')}",
+            f"CPU flags: {' '.join(env['cpu_flags']) or '-'} (native bf16: "
+            f"{'yes' if env['cpu_native_bf16'] else 'no' if env['cpu_native_bf16'] is False else 'unknown'})",
             f"{H}x{W} px, patch {ph}, N+1={n_tokens} tokens, D={D}, L={L}, batch {B}, {args.num_classes} classes, "
             f"median of {args.steps} step(s) after {args.warmup} warm-up; deep prompt dropout "
             f"{args.prompt_dropout}, shallow {args.shallow_dropout}", ""]
@@ -457,17 +481,20 @@ def main(argv=None) -> int:
         out.append("")
 
     gpu = device.type == "cuda"
-    out.append("Throughput (images/s; median step time in s); peak RSS per phase (MiB)"
+    out.append("Throughput (images/s; median step time in s; 'compiled': the train step under torch.compile, "
+               "'/eager' its ratio to the eager step); peak RSS per phase (MiB)"
                + ("; peak GPU memory per phase (MiB)" if gpu else ""))
     hdr = (f"  {'prec':4}  {'Np':>4}  {'variant':11}  {'train img/s':>11}  {'(s/step)':>8}  "
-           f"{'eval img/s':>10}  {'(s/step)':>8}  {'RSS train':>9}  {'RSS eval':>8}")
+           f"{'compiled':>8}  {'/eager':>6}  {'eval img/s':>10}  {'(s/step)':>8}  {'RSS train':>9}  {'RSS eval':>8}")
     if gpu:
         hdr += f"  {'GPU train':>9}  {'GPU eval':>8}"
     out.append(hdr)
     for r in results:
-        tr, ev = r.get("train", {}), r.get("eval", {})
+        tr, ev, tc = r.get("train", {}), r.get("eval", {}), r.get("train_compiled", {})
+        speedup = (tc["images_per_s"] / tr["images_per_s"]) if tc and tr else None
         line = (f"  {r['precision']:4}  {r['prompt_length']:>4}  {r['variant']:11}  "
                 f"{fmt(tr.get('images_per_s')):>11}  {fmt(tr.get('step_s_median'), '.3f'):>8}  "
+                f"{fmt(tc.get('images_per_s')):>8}  {fmt(speedup, '.2f'):>6}  "
                 f"{fmt(ev.get('images_per_s')):>10}  {fmt(ev.get('step_s_median'), '.3f'):>8}  "
                 f"{fmt(tr.get('peak_rss_mib'), '.0f'):>9}  {fmt(ev.get('peak_rss_mib'), '.0f'):>8}")
         if gpu:

@@ -179,3 +179,21 @@ def test_yaml_off_and_resume_of_a_stopped_cached_run(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     m = [json.loads(ln) for ln in (tmp_path / "runs" / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert_same_metrics(m_ref, m)
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_cached_features_as_one_uncached_process(tmp_path):
+    """Under torchrun each rank extracts its shard and the shards are gathered batch by batch: the 2-process
+    cached run matches the 1-process uncached run (the odd 1,257 training images include a padded one)."""
+    from test_distributed import assert_same_run, recipe, torchrun
+
+    path = recipe(tmp_path, method="linear", readout={"pool": "avg", "norm": "fresh"}, prompt={"length": 4},
+                  data={"dataset": "digits", "batch_size": 128})
+    res = invoke_cli("train", str(path), "--set", f"output.dir={tmp_path / 'one'}", "--set",
+                     "train.feature_cache=off", "--json")
+    assert res.exit_code == 0, res.output
+    res = torchrun("train", str(path), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("note: feature cache: only the head trains") == 1  # rank 0 says it, once
+    # the reference's recipe.yaml says feature_cache: off; compare everything else
+    assert_same_run(tmp_path / "runs" / "r", tmp_path / "one" / "r")
