@@ -173,11 +173,13 @@ def build(model, setup, recipe: Recipe, run: Path, rank: int, observer, loader_f
     nbytes = 4 * D * sum(splits.values())
     storage = plan_storage(nbytes, device)
     folder = None
+    if rank == 0:
+        shutil.rmtree(run / CACHE_DIR, ignore_errors=True)  # a killed attempt's leftovers
     if storage == "file":
         import numpy as np
 
         folder = cache_folder(run, rank)
-        shutil.rmtree(folder, ignore_errors=True)  # a killed run's leftovers
+        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     what = "pooled features before the trainable readout norm" if pre_norm else "readout features"
     where = {"device": f"in {device.type} memory", "cpu": "in host memory",

@@ -23,6 +23,8 @@ Run directory contract (stable; other tools read it):
 - ``prompt_history/epoch_EEEE.safetensors`` with ``output.save_prompt_history: true``: the tensors that shape the
   prompt representations (``prompts.*``, ``gates.logit``, ``temperature``, a learned ``mask_token``) before
   training (epoch 0) and after each epoch, read by ``vptool probe-nmi --history``.
+- ``.feature_cache/`` only while a head-only run trains on cached features too big for memory
+  (``vptool.engine.features``): removed when training ends, and by the next attempt after a kill.
 """
 
 from __future__ import annotations
