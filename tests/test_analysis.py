@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_KWARGS, TINY_NAME, run_cli, tiny_recipe, write_recipe
+from conftest import TINY_KWARGS, TINY_NAME, invoke_cli, tiny_recipe, write_recipe
 from safetensors.torch import load_file, save_file
 
 from vptool.analysis.nmi import NMIRecorder, nmi
@@ -262,29 +262,29 @@ def test_max_images_is_a_seeded_subset(history_run, tmp_path):
 def test_probe_cli_end_to_end_and_refusals(history_run, tmp_path):
     run, recipe, tmp = history_run
     out = tmp_path / "o"
-    proc = run_cli("probe-nmi", str(run), "--split", "val", "--max-images", "40", "-o", str(out), "--json")
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads(proc.stdout)
+    r = invoke_cli("probe-nmi", str(run), "--split", "val", "--max-images", "40", "-o", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
     assert res["images"] == 40 and len(res["nmi_mean"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["nmi.csv", "nmi.json", "nmi.png"]
     before = (out / "nmi.json").read_bytes()
     # an existing output is refused before any work, and kept
-    proc = run_cli("probe-nmi", str(run), "-o", str(out))
-    assert proc.returncode == 2 and "already exists" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    r = invoke_cli("probe-nmi", str(run), "-o", str(out))
+    assert r.exit_code == 2 and "already exists" in r.stderr and len(r.stderr.splitlines()) == 1
     assert (out / "nmi.json").read_bytes() == before
     # --history on a recipe; a method without prompts; a prompts file of the wrong shape
     rpath = write_recipe(tmp_path, tiny_recipe(tmp))
-    proc = run_cli("probe-nmi", str(rpath), "--history")
-    assert proc.returncode == 2 and "--history" in proc.stderr
-    proc = run_cli("probe-nmi", str(run), "--compare", str(run), "-o", str(tmp_path / "c"))
-    assert proc.returncode == 2 and "--compare" in proc.stderr and "--history" in proc.stderr
+    r = invoke_cli("probe-nmi", str(rpath), "--history")
+    assert r.exit_code == 2 and "--history" in r.stderr
+    r = invoke_cli("probe-nmi", str(run), "--compare", str(run), "-o", str(tmp_path / "c"))
+    assert r.exit_code == 2 and "--compare" in r.stderr and "--history" in r.stderr
     lin = write_recipe(tmp_path, tiny_recipe(tmp, method="linear"), "lin.yaml")
-    proc = run_cli("probe-nmi", str(lin), "-o", str(tmp_path / "lin"))
-    assert proc.returncode == 2 and "prompt.mode" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    r = invoke_cli("probe-nmi", str(lin), "-o", str(tmp_path / "lin"))
+    assert r.exit_code == 2 and "prompt.mode" in r.stderr and len(r.stderr.splitlines()) == 1
     bad = tmp_path / "bad.safetensors"
     save_file({"prompts.deep": torch.zeros(2, 7, 32)}, str(bad))
-    proc = run_cli("probe-nmi", str(rpath), "--prompts", str(bad), "-o", str(tmp_path / "bad"))
-    assert proc.returncode == 2 and "--prompts" in proc.stderr and "(2, 7, 32)" in proc.stderr
+    r = invoke_cli("probe-nmi", str(rpath), "--prompts", str(bad), "-o", str(tmp_path / "bad"))
+    assert r.exit_code == 2 and "--prompts" in r.stderr and "(2, 7, 32)" in r.stderr
 
 
 def test_history_without_snapshots_names_the_setting(tmp_path):
@@ -306,9 +306,9 @@ def test_save_prompt_history_needs_prompts(tmp_path):
 def test_eval_per_class_accuracy_and_confusion_matrix(history_run, tmp_path):
     run, recipe, _ = history_run
     logits_path = tmp_path / "logits.npy"
-    proc = run_cli("eval", str(run), "--save-logits", str(logits_path), "--plots", "--json")
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads(proc.stdout)
+    out = invoke_cli("eval", str(run), "--save-logits", str(logits_path), "--plots", "--json")
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout)
     report = json.loads((run / "eval" / "test.json").read_text())
     logits = np.load(logits_path)
     from vptool.data import build_splits

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_naming, run_cli, tiny_recipe, write_recipe
+from conftest import assert_one_line_naming, invoke_cli, tiny_recipe, write_recipe
 from safetensors.torch import save_file
 from test_backbones import timm_vit_layout
 
@@ -491,10 +491,10 @@ def test_cli_dry_run_reports_a_bad_checkpoint_on_one_line(tmp_path, bad):
         backbone["format"] = "mocov3"
         needles = ["backbone.format", "mocov3", "looks like mocov3-linear"]
     recipe = write_recipe(tmp_path, tiny_recipe(tmp_path, backbone={"checkpoint": str(path), **backbone}))
-    proc = run_cli("train", str(recipe), "--dry-run")
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    res = invoke_cli("train", str(recipe), "--dry-run")
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
     for needle in [str(path), *needles]:
         assert needle in lines[0], (needle, lines[0])
 
@@ -589,13 +589,13 @@ def test_train_from_a_mocov3_release_on_an_fgvc_json_layout_records_format_and_n
                     data={"dataset": "fgvc-json", "root": str(root), "task": "cub", "train_transform": "fgvc",
                           "batch_size": 8},
                     train={"epochs": 1, "warmup_epochs": 0})
-    proc = run_cli("train", str(write_recipe(tmp_path, r)), "--json")
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
+    res = invoke_cli("train", str(write_recipe(tmp_path, r)), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
     bb = summary["backbone"]
     assert bb["format"] == "mocov3" and bb["checkpoint"] == str(ckpt)
     assert bb["mean"] == pytest.approx(IMAGENET[0]) and bb["std"] == pytest.approx(IMAGENET[1])
     assert bb["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    ev = run_cli("eval", summary["run_dir"], "--json")
-    assert ev.returncode == 0, ev.stderr
+    ev = invoke_cli("eval", summary["run_dir"], "--json")
+    assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["top1"] == summary["test_top1"]

@@ -1,4 +1,5 @@
-"""Every shipped recipe through the real CLI: `--dry-run` validates each one, the digits variants train end to end.
+"""Every shipped recipe through the CLI (in this process, ``invoke_cli``): `--dry-run` validates each one, the digits
+variants train end to end (slow lane).
 
 The paper recipes point at data and checkpoints users bring. `--dry-run` must still check them: exit 0, `ready:
 false`, the missing inputs named, and the model sized from `data.num_classes`. Against a tiny stand-in of the
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import invoke_cli, run_cli
+from conftest import invoke_cli
 
 from vptool.recipe import Recipe, _all_paths
 
@@ -73,10 +74,10 @@ def test_paper_recipes_cover_the_issue_tables():
 
 
 @pytest.mark.parametrize("path", DIGITS, ids=[p.name for p in DIGITS])
-def test_digits_recipes_pass_dry_run_through_the_entry_point(path, tmp_path):
-    proc = run_cli("train", str(path), "--dry-run", "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    plan = json.loads(proc.stdout)
+def test_digits_recipes_pass_dry_run(path, tmp_path):
+    res = invoke_cli("train", str(path), "--dry-run", "--json", cwd=tmp_path)
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
     assert plan["ready"] and plan["inputs"] == []
     assert plan["trainable_params"] > 0
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
@@ -141,16 +142,17 @@ def test_dry_run_refuses_a_stand_in_with_another_class_count(tmp_path):
 VARIANT_EPOCHS = 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,min_top1", [("quickstart_gatevpt.yaml", 95.0), ("quickstart_vptm.yaml", 95.0)])
 def test_digits_variants_train_end_to_end(name, min_top1, tmp_path):
-    proc = run_cli("train", str(ROOT / "recipes" / name), "--json", "--set", f"output.dir={tmp_path}", "--set",
-                   f"train.epochs={VARIANT_EPOCHS}")
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
+    res = invoke_cli("train", str(ROOT / "recipes" / name), "--json", "--set", f"output.dir={tmp_path}", "--set",
+                     f"train.epochs={VARIANT_EPOCHS}")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
     run = tmp_path / Path(name).stem
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["test_top1"] >= min_top1, summary
-    ev = invoke_cli("eval", str(run), "--json")  # in this process: the entry point is checked by the train above
+    ev = invoke_cli("eval", str(run), "--json")
     assert ev.exit_code == 0, ev.output
     result = json.loads(ev.stdout)
     assert result["top1"] == summary["test_top1"]
@@ -165,16 +167,18 @@ def test_digits_variants_train_end_to_end(name, min_top1, tmp_path):
         assert summary["mask_token"] == "learned" == result["mask_token"]  # MAE backbone: no pretrained [MASK]
 
 
+@pytest.mark.slow
 def test_init_prompts_on_the_digits_spt_recipe_then_training_from_the_file(tmp_path):
     """The issue's pipeline: k-means prototypes from 100 % of the digits training split, then train from them."""
     recipe = ROOT / "recipes" / "quickstart_spt.yaml"
     out = tmp_path / "p.safetensors"
-    proc = run_cli("init-prompts", str(recipe), "--strategy", "kmeans", "--fraction", "1.0", "-o", str(out), "--json")
-    assert proc.returncode == 0, proc.stderr
-    made = json.loads(proc.stdout)
+    res = invoke_cli("init-prompts", str(recipe), "--strategy", "kmeans", "--fraction", "1.0", "-o", str(out),
+                     "--json")
+    assert res.exit_code == 0, res.output
+    made = json.loads(res.stdout)
     assert made["shape"] == [6, 10, 128] and made["images"] == 1257 and len(made["inertia"]) == 6
-    proc = run_cli("train", str(recipe), "--json", "--set", f"output.dir={tmp_path}", "--set", "prompt.init=file",
-                   "--set", f"prompt.init_file={out}")
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
+    res = invoke_cli("train", str(recipe), "--json", "--set", f"output.dir={tmp_path}", "--set", "prompt.init=file",
+                     "--set", f"prompt.init_file={out}")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
     assert summary["test_top1"] >= 95.0, summary

@@ -15,7 +15,7 @@ import torch
 from beit_layout import NAME as BEIT_NAME
 from beit_layout import TINY as BEIT_TINY
 from beit_layout import random_beitv2_sd, write_beitv2
-from conftest import TINY_KWARGS, TINY_NAME, assert_one_line_naming, run_cli, tiny_recipe, write_recipe
+from conftest import TINY_KWARGS, TINY_NAME, assert_one_line_naming, invoke_cli, tiny_recipe, write_recipe
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -223,8 +223,8 @@ def _spt_recipe(tmp_path, **sections):
 def test_init_prompts_cli_writes_prototypes_with_metadata_then_frozen_prompts_train_head_only(tmp_path):
     path = write_recipe(tmp_path, _spt_recipe(tmp_path))
     out = tmp_path / "p.safetensors"
-    r = run_cli("init-prompts", str(path), "--strategy", "kmeans", "--fraction", "1.0", "-o", str(out), "--json")
-    assert r.returncode == 0, r.stderr
+    r = invoke_cli("init-prompts", str(path), "--strategy", "kmeans", "--fraction", "1.0", "-o", str(out), "--json")
+    assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["tensor"] == "prompts.deep" and result["shape"] == [2, 4, 32]
     with safe_open(str(out), framework="pt") as fh:
@@ -253,8 +253,8 @@ def test_init_prompts_cli_writes_prototypes_with_metadata_then_frozen_prompts_tr
 
     frozen = write_recipe(tmp_path, _spt_recipe(tmp_path, prompt={"init": "file", "init_file": str(out),
                                                                    "trainable": False}), "frozen.yaml")
-    r = run_cli("train", str(frozen), "--json")
-    assert r.returncode == 0, r.stderr
+    r = invoke_cli("train", str(frozen), "--json")
+    assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     adapter = load_file(str(tmp_path / "runs" / "frozen" / "adapter.safetensors"))
     assert torch.equal(adapter["prompts.deep"], load_file(str(out))["prompts.deep"])  # bitwise unchanged
@@ -265,8 +265,8 @@ def test_init_prompts_cli_writes_prototypes_with_metadata_then_frozen_prompts_tr
 def test_train_builds_the_init_on_the_fly_and_keeps_it_in_the_run(tmp_path):
     path = write_recipe(tmp_path, _spt_recipe(tmp_path, prompt={"init": "max-pool"}, train={"epochs": 1,
                                                                                           "warmup_epochs": 0}))
-    r = run_cli("train", str(path), "--json")
-    assert r.returncode == 0, r.stderr
+    r = invoke_cli("train", str(path), "--json")
+    assert r.exit_code == 0, r.output
     run = tmp_path / "runs" / "tiny"
     init = load_file(str(run / "prompt_init.safetensors"))["prompts.deep"]
     with safe_open(str(run / "prompt_init.safetensors"), framework="pt") as fh:
@@ -275,16 +275,16 @@ def test_train_builds_the_init_on_the_fly_and_keeps_it_in_the_run(tmp_path):
     assert init.shape == (2, 4, 32)
     # eval rebuilds from the adapter alone: no k-means, no init file needed
     (run / "prompt_init.safetensors").unlink()
-    r = run_cli("eval", str(run), "--json")
-    assert r.returncode == 0, r.stderr
+    r = invoke_cli("eval", str(run), "--json")
+    assert r.exit_code == 0, r.output
 
 
 def test_prompt_file_with_wrong_shape_or_backbone_is_refused(tmp_path):
     bad_shape = tmp_path / "short.safetensors"
     save_file({"prompts.deep": torch.zeros(2, 3, 32)}, str(bad_shape))
     path = write_recipe(tmp_path, _spt_recipe(tmp_path, prompt={"init": "file", "init_file": str(bad_shape)}))
-    r = run_cli("train", str(path))
-    assert r.returncode == 2
+    r = invoke_cli("train", str(path))
+    assert r.exit_code == 2
     assert len(r.stderr.strip().splitlines()) == 1
     assert "prompt.init_file" in r.stderr and "(2, 3, 32)" in r.stderr and "(2, 4, 32)" in r.stderr
 
@@ -292,8 +292,8 @@ def test_prompt_file_with_wrong_shape_or_backbone_is_refused(tmp_path):
     save_file({"prompts.deep": torch.zeros(2, 4, 32)}, str(other),
               metadata={"backbone": json.dumps({"name": "vit_base_patch16_224", "depth": 12, "embed_dim": 768})})
     path = write_recipe(tmp_path, _spt_recipe(tmp_path, prompt={"init": "file", "init_file": str(other)}), "o.yaml")
-    r = run_cli("train", str(path))
-    assert r.returncode == 2
+    r = invoke_cli("train", str(path))
+    assert r.exit_code == 2
     assert len(r.stderr.strip().splitlines()) == 1
     assert "prompt.init_file" in r.stderr and "vit_base_patch16_224" in r.stderr and "init-prompts" in r.stderr
     assert not (tmp_path / "runs").exists()
@@ -303,17 +303,17 @@ def test_init_prompts_refuses_bad_input_without_touching_existing_files(tmp_path
     path = write_recipe(tmp_path, _spt_recipe(tmp_path))
     out = tmp_path / "p.safetensors"
     out.write_bytes(b"precious")
-    r = run_cli("init-prompts", str(path), "-o", str(out))
-    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    r = invoke_cli("init-prompts", str(path), "-o", str(out))
+    assert r.exit_code == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
     assert out.read_bytes() == b"precious"
     for args, needle in ((["--strategy", "kmean"], "--strategy"), (["--fraction", "0"], "--fraction"),
                          (["--source", "middle"], "--source")):
-        r = run_cli("init-prompts", str(path), "-o", str(tmp_path / "new.safetensors"), *args)
-        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        r = invoke_cli("init-prompts", str(path), "-o", str(tmp_path / "new.safetensors"), *args)
+        assert r.exit_code == 2 and needle in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
-    r = run_cli("init-prompts", str(path), "-o", str(tmp_path / "new.safetensors"), "--set", "prompt.mode=none",
+    r = invoke_cli("init-prompts", str(path), "-o", str(tmp_path / "new.safetensors"), "--set", "prompt.mode=none",
                 "--set", "prompt.init=xavier", "--set", "train.tune=head")
-    assert r.returncode == 2 and "prompt.mode" in r.stderr
+    assert r.exit_code == 2 and "prompt.mode" in r.stderr
     assert not (tmp_path / "new.safetensors").exists()
 
 

@@ -1,4 +1,7 @@
-"""End to end: `vptool train` / `vptool eval` on digits with a tiny ViT loaded from a timm-layout checkpoint."""
+"""End to end: `vptool train` / `vptool eval` on digits with a tiny ViT loaded from a timm-layout checkpoint.
+
+The CLI runs in this process (``invoke_cli``: exit code, stdout and stderr apart); one slow test runs the real
+entry point, ``python -m vptool``, for its exit codes and streams."""
 
 from __future__ import annotations
 
@@ -40,9 +43,9 @@ def trained(tmp_path_factory, ckpt):
     """One CLI training run shared by several tests."""
     tmp = tmp_path_factory.mktemp("run")
     path = write_recipe(tmp, recipe_with_ckpt(tmp, ckpt))
-    proc = run_cli("train", str(path), "--json")
-    assert proc.returncode == 0, proc.stderr
-    return tmp / "runs" / "tiny", json.loads(proc.stdout), path
+    res = invoke_cli("train", str(path), "--json")
+    assert res.exit_code == 0, res.output
+    return tmp / "runs" / "tiny", json.loads(res.stdout), path
 
 
 def test_run_directory_contract(trained):
@@ -79,9 +82,9 @@ def test_run_directory_contract(trained):
 def test_eval_reproduces_summary_exactly(trained, tmp_path):
     run, summary, _ = trained
     out = tmp_path / "logits.npy"
-    proc = run_cli("eval", str(run), "--json", "--save-logits", str(out))
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    res = invoke_cli("eval", str(run), "--json", "--save-logits", str(out))
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
     assert result["top1"] == summary["test_top1"] and result["top5"] == summary["test_top5"]
     logits = np.load(out)
     assert logits.dtype == np.float32 and logits.shape == (360, 10)
@@ -89,15 +92,15 @@ def test_eval_reproduces_summary_exactly(trained, tmp_path):
 
     labels = digits_split(0)["test"][1]
     assert 100.0 * np.mean(logits.argmax(1) == labels) == pytest.approx(summary["test_top1"], abs=1e-9)
-    again = run_cli("eval", str(run), "--save-logits", str(out))  # never overwrites without --overwrite
-    assert again.returncode == 2 and "already exists" in again.stderr
+    again = invoke_cli("eval", str(run), "--save-logits", str(out))  # never overwrites without --overwrite
+    assert again.exit_code == 2 and "already exists" in again.stderr
 
 
 def test_same_seed_same_metrics(trained, tmp_path, ckpt):
     run, _, _ = trained
     path = write_recipe(tmp_path, recipe_with_ckpt(tmp_path, ckpt))
-    proc = run_cli("train", str(path), "--json")
-    assert proc.returncode == 0, proc.stderr
+    res = invoke_cli("train", str(path), "--json")
+    assert res.exit_code == 0, res.output
 
     def strip(p):  # wall-clock seconds are the one field that cannot repeat
         return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in p.read_text().splitlines()]
@@ -130,19 +133,19 @@ def test_training_touches_only_prompts_and_head(tmp_path, ckpt):
 def test_existing_run_is_never_overwritten(trained, tmp_path):
     run, _, recipe_path = trained
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    proc = run_cli("train", str(recipe_path))
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "already exists" in proc.stderr and "--overwrite" in proc.stderr
+    res = invoke_cli("train", str(recipe_path))
+    assert res.exit_code == 2
+    assert res.stderr.strip().count("\n") == 0 and "already exists" in res.stderr and "--overwrite" in res.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_dry_run_prints_recipe_and_parameters(tmp_path, ckpt):
     path = write_recipe(tmp_path, recipe_with_ckpt(tmp_path, ckpt))
-    proc = run_cli("train", str(path), "--dry-run", "--set", "prompt.length=6")
-    assert proc.returncode == 0, proc.stderr
+    res = invoke_cli("train", str(path), "--dry-run", "--set", "prompt.length=6")
+    assert res.exit_code == 0, res.output
     trainable = 2 * 6 * 32 + 10 * 32 + 10
-    assert f"trainable params: {trainable:,d} || all params: " in proc.stdout
-    assert "length: 6" in proc.stdout
+    assert f"trainable params: {trainable:,d} || all params: " in res.stdout
+    assert "length: 6" in res.stdout
     assert not (tmp_path / "runs").exists()
 
 
@@ -154,12 +157,12 @@ def test_dry_run_prints_recipe_and_parameters(tmp_path, ckpt):
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, change, needle):
     path = write_recipe(tmp_path, tiny_recipe(tmp_path, **change))
-    proc = run_cli("train", str(path))
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    res = invoke_cli("train", str(path))
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
     assert needle in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in res.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -181,13 +184,33 @@ def test_corrupt_image_names_the_file(tmp_path, workers):
     path = write_recipe(tmp_path, tiny_recipe(tmp_path, data={"dataset": "imagefolder", "root": str(root),
                                                               "num_workers": workers, "val_fraction": 0.25},
                                               train={"epochs": 1, "warmup_epochs": 0}))
-    proc = run_cli("train", str(path))
-    assert proc.returncode == 2, proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and str(bad) in errors[0], proc.stderr
+    res = invoke_cli("train", str(path))
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0], res.stderr
     # the failed run stays, unfinished, and a plain rerun names the ways out instead of silently being blocked
     run = tmp_path / "runs" / "tiny"
     assert (run / "recipe.yaml").is_file() and not (run / "summary.json").exists()
-    again = invoke_cli("train", str(path))  # in this process: the entry point was checked just above
+    again = invoke_cli("train", str(path))
     assert again.exit_code == 2 and again.stderr.count("\n") == 1, again.stderr
     assert "has not finished" in again.stderr and "--resume" in again.stderr and "--overwrite" in again.stderr
+
+
+@pytest.mark.slow
+def test_the_real_entry_point_exit_codes_and_streams(tmp_path, ckpt):
+    """``python -m vptool`` in a fresh interpreter: a run exits 0 with its JSON object alone on stdout (messages
+    on stderr); rerun, it exits 2 with one ``error:`` line on stderr, nothing on stdout and nothing written."""
+    path = write_recipe(tmp_path, recipe_with_ckpt(tmp_path, ckpt, train={"epochs": 1, "warmup_epochs": 0}))
+    proc = run_cli("train", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "tiny"
+    assert json.loads(proc.stdout) == json.loads((run / "summary.json").read_text())  # one object, nothing else
+    assert "Traceback" not in proc.stderr and '"test_top1"' not in proc.stderr
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    proc = run_cli("train", str(path), "--json")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "already exists" in lines[0] and "--overwrite" in lines[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
