@@ -38,7 +38,11 @@ def test_masks_keep_a_quarter_and_loss_counts_masked_patches_only():
 
 def test_saved_encoder_is_timm_layout_and_loads_strictly(tmp_path):
     cfg = mae.PretrainConfig(epochs=1, warmup_epochs=0, threads=1)
-    encoder, loss = mae.pretrain(cfg, log_every=1000)
+    threads = torch.get_num_threads()
+    try:
+        encoder, loss = mae.pretrain(cfg, log_every=1000)
+    finally:  # pretrain sets torch's thread count; later in-process runs (bitwise references) need it back
+        torch.set_num_threads(threads)
     out = tmp_path / "enc.safetensors"
     mae.save_encoder(encoder, out, cfg, loss, "test")
     from safetensors.torch import load_file

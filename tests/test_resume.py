@@ -241,7 +241,8 @@ def test_nan_after_a_good_epoch_keeps_the_best_adapter(tmp_path, monkeypatch):
 # --- one train per run directory; --overwrite never loses the old run -----------------------------------------------
 @pytest.mark.slow
 def test_two_simultaneous_trains_one_runs_the_other_exits_2(tmp_path):
-    path = recipe_file(tmp_path)
+    # long enough (30 epochs) that the second process starts while the first still trains
+    path = recipe_file(tmp_path, train={"epochs": 30})
     cmd = [sys.executable, "-m", "vptool", "train", str(path)]
     a = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "runs"
