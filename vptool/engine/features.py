@@ -144,9 +144,10 @@ def cache_folder(run: Path, rank: int) -> Path:
     use a folder of their own in the system temporary directory."""
     if rank == 0:
         return run / CACHE_DIR
+    import os
     import tempfile
 
-    return Path(tempfile.gettempdir()) / f"vptool-feature-cache-{__import__('os').getpid()}"
+    return Path(tempfile.gettempdir()) / f"vptool-feature-cache-{os.getpid()}"
 
 
 @torch.no_grad()
