@@ -16,7 +16,7 @@ import torch
 from conftest import TINY_KWARGS, TINY_NAME, invoke_cli, tiny_recipe, write_recipe
 from safetensors.torch import load_file, save_file
 
-from vptool.analysis.nmi import NMIRecorder, nmi
+from vptool.analysis.nmi import NMIRecorder, block_inputs, nmi
 from vptool.errors import UserError
 from vptool.recipe import resolve
 
@@ -146,7 +146,8 @@ def test_probe_uses_the_right_prompts_per_block(mode):
     rec = NMIRecorder(2)
     with torch.no_grad():
         rec.start_batch()
-        m.forward_features(x, on_block_input=rec)
+        for i, prompts, patches in block_inputs(m, x):
+            rec(i, prompts, patches)
     got = rec.values()
     prompts = getattr(m.prompts, m.prompts.mode).detach()
     want = ref_nmi_table(m.backbone, x, mode, prompts, gates)

@@ -75,9 +75,15 @@ def test_recipe_and_model_share_one_table_per_option():
               "readout_pool": (ReadoutConfig, "pool"), "readout_norm": (ReadoutConfig, "norm"),
               "tune": (TrainConfig, "tune"), "gate_kind": (PromptConfig, "gate"),
               "temperature": (AttentionConfig, "temperature"), "mask_token": (TokensConfig, "mask"),
-              "head": (HeadConfig, "type")}
+              "head": (HeadConfig, "type"), "head_init": (HeadConfig, "init")}
+    auto = {"readout_pool", "readout_norm"}  # the recipe adds "auto", resolved before the model is built
     for option, (cls, name) in fields.items():
-        assert typing.get_type_hints(cls)[name] is CHOICE_OPTIONS[option], option
+        recipe_values = typing.get_args(typing.get_type_hints(cls)[name])
+        model_values = typing.get_args(CHOICE_OPTIONS[option])
+        if option in auto:
+            assert recipe_values == ("auto", *model_values), option
+        else:
+            assert typing.get_type_hints(cls)[name] is CHOICE_OPTIONS[option], option
 
 
 # ----------------------------------------------------------------------------------------------- data config
@@ -98,7 +104,10 @@ def test_data_config_is_the_models_own_not_timms_224_default():
 def test_from_preset_applies_the_preset_and_the_overrides():
     g = tiny("gatevpt")
     assert g.prompts.shallow.shape == (100, 32) and g.gates.logit.shape == (1,)
-    assert g.temperature is not None and g.readout_pool == "avg_all"
+    # readout auto: GateVPT's official code reads CLS on a supervised ViT, every token after CLS on MAE
+    assert g.temperature is not None and (g.readout_pool, g.readout_norm) == ("cls", "pretrained")
+    on_mae = vptool.from_preset("gatevpt", "vit_digits_mae", 3, pretrained=False)
+    assert (on_mae.readout_pool, on_mae.readout_norm) == ("avg_all", "pretrained")
     assert torch.equal(g.gates.logit.detach(), torch.full((1,), -5.0))  # gate prior -gate_init (preset: 5)
     short = tiny("gatevpt", prompt_length=3, readout_pool="cls")
     assert short.prompts.shallow.shape == (3, 32) and short.readout_pool == "cls"

@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_recipe
 
 from vptool import hardware
-from vptool.engine import setup as st
+from vptool.engine import runtime as st
+from vptool.engine import setup
 from vptool.engine.train import Observer
 from vptool.recipe import resolve
 
@@ -74,7 +75,7 @@ def test_training_setup_states_the_slowdown_once(tmp_path, monkeypatch, native, 
     recipe = resolve(tiny_recipe(tmp_path, train={"epochs": 2, "warmup_epochs": 1, "precision": precision,
                                                   "device": "cpu"}))
     obs = Notes()
-    s = st.prepare(recipe, observer=obs)
+    s = setup.prepare(recipe, observer=obs)
     assert s.amp_dtype is (torch.bfloat16 if precision == "bf16" else None)
     slow = [n for n in obs.notes if "without native bf16" in n]
     assert len(slow) == (1 if warned else 0)

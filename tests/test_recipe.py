@@ -87,7 +87,7 @@ def test_presets_fill_defaults_recipe_overrides(method, mode, tune, optimizer, d
 def test_method_presets_set_their_papers_options():
     g = resolve({**BASE, "method": "gatevpt"})
     assert (g.prompt.gate_init, g.prompt.gate, g.attention.temperature, g.readout.pool, g.readout.norm) == (
-        5.0, "soft", "learnable", "avg_all", "pretrained")
+        5.0, "soft", "learnable", "auto", "auto")  # resolved per backbone when the run starts (test_conventions)
     v = resolve({**BASE, "method": "vptm"})
     assert (v.prompt.init, v.prompt.length, v.tokens.mask, v.tokens.order, v.readout.pool, v.head.type,
             v.head.dim, v.train.lr, v.train.weight_decay) == ("zeros", 20, "auto", "CXPM", "mask", "verbalizer",

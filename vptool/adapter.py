@@ -304,7 +304,7 @@ def load_with_info(path: str | Path, device=None, backbone_checkpoint: str | Pat
     Returns:
         ``(model, info, cfg)``.
     """
-    from vptool.engine.setup import resolve_device
+    from vptool.engine.runtime import resolve_device
     from vptool.prompting.model import PromptedViT
 
     p = Path(path)
@@ -378,7 +378,8 @@ def from_preset(name: str, backbone, num_classes: int, *, class_names: list[str]
 
     ``from_preset("vpt-deep", "vit_base_patch16_224.mae", 200, checkpoint="mae_pretrain_vit_base.pth",
     prompt_length=50)`` is VPT-deep (Jia et al. 2022, eq. 7) with the preset's settings, any of them overridden
-    by a ``PromptedViT`` keyword (``prompt_length``, ``readout_pool``, ``temperature``, ...). Training settings
+    by a ``PromptedViT`` keyword (``prompt_length``, ``readout_pool``, ``temperature``, ...). The readout
+    defaults to the preset's official one on this backbone (``vptool.conventions``). Training settings
     (optimizer, lr) are the recipe's business, not the model's. The SPT presets start from k-means prototypes:
     pass ``prompt_values=`` (an ``init-prompts`` tensor) or ``prompt_init="xavier"``.
 
@@ -421,6 +422,18 @@ def from_preset(name: str, backbone, num_classes: int, *, class_names: list[str]
             record = backbone_record(backbone_name, pretrained, checkpoint, backbone_format, backbone_kwargs, seed,
                                      info)
             kw.setdefault("pretrained_mask_token", info.extras.get("mask_token"))
+            fmt = info.format or backbone_format
+        else:
+            cfg = getattr(backbone, "pretrained_cfg", None) or {}
+            backbone_name = ".".join(v for v in (cfg.get("architecture"), cfg.get("tag")) if v) or "module"
+            fmt = backbone_format
+        if "auto" in (kw["readout_pool"], kw["readout_norm"]):  # the preset's official readout on this backbone
+            from vptool.conventions import resolve_readout
+            from vptool.engine.setup import backbone_pretraining
+
+            kw["readout_pool"], kw["readout_norm"] = resolve_readout(
+                kw["readout_pool"], kw["readout_norm"], PRESETS[name].convention,
+                backbone_pretraining(backbone_name, fmt, backbone), getattr(backbone, "cls_token", None) is not None)
         model = PromptedViT(backbone, num_classes=num_classes, generator=torch.Generator().manual_seed(seed), **kw)
     if record is not None:
         model.set_data_config(info.data_config, eval_transform)

@@ -340,6 +340,8 @@ def train(
             print(json.dumps(plan))
             return
         print(dump_recipe(r), end="")
+        for line in plan["resolved"]:
+            print(f"resolved {line}")
         if plan["trainable_params"] is None:
             print(f"model not built: {plan['note']}")
         else:
@@ -419,7 +421,7 @@ def init_prompts(
     spec = InitSpec.from_recipe(r, strategy, fraction, source, form, seed)
     check_new_file(output, "-o", ".safetensors", overwrite)  # refuse a bad or existing -o before any slow work
     obs = RichObserver(quiet=json_out or not _is_main())
-    from vptool.engine.setup import precision_warning, resolve_device
+    from vptool.engine.runtime import precision_warning, resolve_device
 
     slow = precision_warning(r.train.precision, resolve_device(r.train.device))
     if slow and _is_main():

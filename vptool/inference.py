@@ -165,7 +165,7 @@ class TorchRunner:
     def __init__(self, model):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        from vptool.engine.setup import autocast_dtype
+        from vptool.engine.runtime import autocast_dtype
 
         self.amp_dtype = autocast_dtype("auto", self.device)
         self.classes = list(model.class_names or [str(k) for k in range(model.num_classes)])
@@ -174,7 +174,7 @@ class TorchRunner:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from vptool.engine.setup import autocast
+        from vptool.engine.runtime import autocast
 
         x = x.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp_dtype):

@@ -19,7 +19,11 @@ Temperature = Literal["fixed", "learnable"]
 MaskToken = Literal["none", "auto", "pretrained", "learnable"]
 ReadoutPool = Literal["cls", "avg", "avg_all", "mask"]
 ReadoutNorm = Literal["pretrained", "fresh", "none"]
+#: the recipe's readout keys also take ``auto``: resolved from the method and the backbone (``vptool.conventions``)
+ReadoutPoolSetting = Literal["auto", "cls", "avg", "avg_all", "mask"]
+ReadoutNormSetting = Literal["auto", "pretrained", "fresh", "none"]
 HeadType = Literal["linear", "verbalizer", "mlp1", "mlp2"]
+HeadInit = Literal["trunc_normal", "official"]
 Tune = Literal["prompts", "head", "all"]
 DeepForm = Literal["prefix", "concat"]
 TrainTransform = Literal["vtab", "fgvc"]
@@ -29,6 +33,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 FeatureCache = Literal["auto", "off"]
 BackboneFormat = Literal["auto", "timm", "mae", "mocov3", "mocov3-linear", "jax-npz", "beitv2-pretrain"]
 VtabSplit = Literal["final", "tune"]
+InitTransform = Literal["auto", "eval", "train"]
 
 
 def choices(table) -> tuple[str, ...]:

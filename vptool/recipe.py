@@ -27,17 +27,19 @@ from vptool.options import (
     BackboneFormat,
     FeatureCache,
     GateKind,
+    HeadInit,
     HeadType,
     InitForm,
     InitSource,
+    InitTransform,
     LrScaling,
     MaskToken,
     Optimizer,
     Precision,
     PromptInit,
     PromptMode,
-    ReadoutNorm,
-    ReadoutPool,
+    ReadoutNormSetting,
+    ReadoutPoolSetting,
     Temperature,
     TrainTransform,
     Tune,
@@ -106,7 +108,11 @@ class PromptConfig:
                 "last block's output (last) (SPT Table S2)")
     init_form: InitForm = _f(
         "paper", "SPT: paper (the text) | official (the official code: level 0 without position embedding, "
-                 "per-image pooling windows)")
+                 "per-image pooling windows, init images through the training augmentation)")
+    init_transform: InitTransform = _f(
+        "auto", "SPT: the transform of the images the prompts are built from: eval (deterministic) | train (the "
+                "training augmentation, data.train_transform, as the official code) | auto (train with "
+                "init_form official, else eval)")
     dropout: float = _f(0.0, "dropout on each prompt set when inserted (train mode only)")
     trainable: bool = _f(True, "false freezes the prompts (head only, SPT Tab. 4a)")
     gate_init: float = _f(5.0, "gated: gate priors start at -gate_init (GateVPT official code; Table 5 per task)")
@@ -132,10 +138,11 @@ class TokensConfig:
 
 @dataclass
 class ReadoutConfig:
-    pool: ReadoutPool = _f(
-        "cls", "cls | avg (patch tokens) | avg_all (every token after CLS, prompts included) | mask (VPTM h[MASK])")
-    norm: ReadoutNorm = _f(
-        "pretrained", "pretrained (backbone's final norm) | fresh (new LayerNorm, MAE fc_norm) | none")
+    pool: ReadoutPoolSetting = _f(
+        "auto", "auto (the method's official code on this backbone: vptool.conventions; resolved into recipe.yaml) "
+                "| cls | avg (patch tokens) | avg_all (every token after CLS, prompts included) | mask (VPTM h[MASK])")
+    norm: ReadoutNormSetting = _f(
+        "auto", "auto (as pool) | pretrained (backbone's final norm) | fresh (new LayerNorm, MAE fc_norm) | none")
 
 
 @dataclass
@@ -143,6 +150,9 @@ class HeadConfig:
     type: HeadType = _f(
         "linear", "linear | verbalizer (VPTM eq. 7-9) | mlp1 | mlp2 (VPTM Table 4 baselines)")
     dim: int = _f(128, "verbalizer prototype width t (VPTM default 128) or the mlp2 hidden width")
+    init: HeadInit = _f(
+        "trunc_normal", "trunc_normal (std 0.02, zero bias) | official (the VPT/GateVPT code: kaiming-normal "
+                        "fan_out weights, logit bias -log(99))")
 
 
 @dataclass
@@ -202,6 +212,7 @@ class Preset:
     description: str
     defaults: dict
     paper: str = ""  # the method's source, as the model card cites it
+    convention: str = "vpt"  # whose official code ``readout: auto`` follows (``vptool.conventions``)
 
 
 PRESETS: dict[str, Preset] = {}
@@ -212,15 +223,22 @@ SPT_PAPER = "Wang et al., Revisiting the Power of Prompt for Visual Tuning (SPT)
 VPTM_PAPER = "Visual Prompting via Masked Visual Token Modeling (VPTM)"
 
 
-def register_preset(name: str, description: str, defaults: dict, paper: str = "") -> Preset:
+def register_preset(name: str, description: str, defaults: dict, paper: str = "", convention: str = "vpt") -> Preset:
     """Register a method preset (a point in the option space). Rejects a name that is already taken.
 
+    ``convention`` (``vpt``, ``gatevpt``, ``spt``, ``vptm``) names whose official code ``readout.pool/norm: auto``
+    follows on each backbone (``vptool.conventions``).
+
     Raises:
-        ValueError: ``name`` is registered already.
+        ValueError: ``name`` is registered already, or an unknown convention.
     """
+    from vptool.conventions import CONVENTIONS
+
     if name in PRESETS:
         raise ValueError(f"method preset {name!r} is registered already ({PRESETS[name].description})")
-    PRESETS[name] = Preset(name, description, copy.deepcopy(defaults), paper)
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r} is not one of {', '.join(CONVENTIONS)}")
+    PRESETS[name] = Preset(name, description, copy.deepcopy(defaults), paper, convention)
     return PRESETS[name]
 
 
@@ -244,23 +262,24 @@ _SPT_TRAIN = {"data": {"batch_size": 32},  # SPT §4.1; lr and weight decay: the
 register_preset("spt-shallow", "SPT-shallow (Wang et al. 2024, eq. 9-12): 100 shallow prompts from k-means "
                                "token prototypes (AdamW)",
                 {"prompt": {"mode": "shallow", "length": 100, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN},
-                SPT_PAPER)
+                SPT_PAPER, "spt")
 register_preset("spt-deep", "SPT-deep (Wang et al. 2024, eq. 9-10, 13): 20 prompts per block from k-means "
                             "token prototypes of that block's input (AdamW)",
-                {"prompt": {"mode": "deep", "length": 20, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN}, SPT_PAPER)
+                {"prompt": {"mode": "deep", "length": 20, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN}, SPT_PAPER,
+                "spt")
 register_preset("gatevpt", "GateVPT (Yoo et al. 2023, eq. 6-9): gated shallow prompts + learnable temperature",
                 {"prompt": {"mode": "gated", "length": 100, "init": "xavier", "dropout": 0.1, "gate_init": 5.0,
                             "gate": "soft"},
                  "attention": {"temperature": "learnable"},
-                 "readout": {"pool": "avg_all", "norm": "pretrained"},
-                 "train": {"tune": "prompts", "optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0}}, GATEVPT_PAPER)
+                 "train": {"tune": "prompts", "optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0}}, GATEVPT_PAPER,
+                "gatevpt")
 register_preset("vptm", "VPTM (§4, eq. 6-9): [MASK] token + zero-init shallow prompts + prototypical verbalizer",
                 {"prompt": {"mode": "shallow", "length": 20, "init": "zeros", "dropout": 0.0},
                  "tokens": {"mask": "auto", "order": "CXPM"},
                  "readout": {"pool": "mask", "norm": "pretrained"},
                  "head": {"type": "verbalizer", "dim": 128},
                  "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01,
-                           "warmup_epochs": 5}}, VPTM_PAPER)
+                           "warmup_epochs": 5}}, VPTM_PAPER, "vptm")
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -413,6 +432,9 @@ def _cross_checks(r: Recipe) -> list[str]:
     if r.output.save_prompt_history and r.prompt.mode == "none":
         e.append("output.save_prompt_history: true but prompt.mode is none (no prompts to record); set prompt.mode "
                  "or drop save_prompt_history")
+    if r.head.init == "official" and r.head.type == "verbalizer":
+        e.append("head.init: 'official' is the VPT/GateVPT linear head's (logit bias -log(99)); the verbalizer has "
+                 "no logit bias: use trunc_normal")
     if r.readout.pool == "mask" and r.tokens.mask == "none":
         e.append("readout.pool: 'mask' reads the [MASK] token; set tokens.mask: auto (or pretrained/learnable)")
     if r.tokens.order is not None:

@@ -11,7 +11,8 @@ For block i, P (Np, D) are the prompt representations entering it and E (Ne, D) 
 
 Which P: deep prompts (VPT eq. 7) enter block i as the learned set P_{i-1}, the same for every image; shallow and
 gated prompts are rows of every block's input, so P is the propagated prompt rows Z_{i-1}, which depend on the
-image (block 1 sees the prompts themselves). ``PromptedViT.forward_features(on_block_input=...)`` hands both over.
+image (block 1 sees the prompts themselves). ``block_inputs`` gets both from ``PromptedViT.embed`` (block 1) and
+``PromptedViT.forward_intermediates`` (the outputs of blocks 1..L-1, prompt rows after the gate).
 
 The computation runs in float64 in log space (``logsigmoid``, ``logsumexp``): raw ViT tokens have norms in the
 tens, so P.E reaches hundreds, where float32 ``sigmoid`` rounds to exactly 0 or 1 and a direct ``pi log pi``
@@ -97,8 +98,30 @@ def saturated_fraction(logits: torch.Tensor, limit: float = SATURATION_LOGIT) ->
     return (logits.abs() > limit).double().mean(dim=(-2, -1))
 
 
+def block_inputs(model, x: torch.Tensor):
+    """Yield ``(i, prompts, patches)`` entering each block i = 0..L-1 of a prompted model.
+
+    ``patches`` (B, N, D) is the embedding output for block 0 and the output of block i - 1 after it
+    (``forward_intermediates``); ``prompts`` is the learned set i, (1, Np, D) in eval mode, for deep prompts, and
+    for shallow/gated ones the prompts themselves for block 0, then the propagated prompt rows (B, Np, D)
+    (after the gate). ``prompts`` is None for a model without prompts.
+    """
+    L = len(model.backbone.blocks)
+    B = x.shape[0]
+    deep = model.prompt_mode == "deep"
+    has = model.prompts is not None
+    yield 0, (model.prompts.set(0 if deep else None, B) if has else None), model.embed(x)[:, model.num_prefix_tokens:]
+    if L == 1:
+        return
+    after = model.forward_intermediates(x, indices=list(range(L - 1)), stop_early=True, output_fmt="NLC",
+                                        intermediates_only=True, return_prompt_tokens=True)
+    for i in range(1, L):
+        patches, rows = after[i - 1]
+        yield i, (model.prompts.set(i, B) if deep else rows) if has else None, patches
+
+
 class NMIRecorder:
-    """Collects per-image NMI per block from ``PromptedViT.forward_features(on_block_input=recorder)``.
+    """Collects per-image NMI per block from ``block_inputs``: ``for i, p, e in block_inputs(model, x): rec(i, p, e)``.
 
     Call ``start_batch()`` before each forward; ``values()`` returns (images, L) float64 after all batches, and
     ``saturation()`` the matching ``saturated_fraction``.

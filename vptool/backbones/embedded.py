@@ -21,6 +21,7 @@ class EmbeddedBackbone:
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
     made_by: str = ""
+    pretraining: str = "supervised"  # the objective the weights come from (``vptool.conventions``)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -40,6 +41,7 @@ EMBEDDED: dict[str, EmbeddedBackbone] = {
         arch=dict(img_size=24, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
                   qkv_bias=True, class_token=True, global_pool="token", num_classes=0),
         weights="vit_digits_mae.safetensors",
+        pretraining="mae",
         made_by="python -m vptool.backbones.pretrain_digits_mae "
                 "(MAE objective on the digits training split, fixed seed)",
     ),

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from vptool.data import make_loader
-from vptool.engine.setup import Setup, autocast, autocast_dtype, resolve_device
+from vptool.engine.runtime import autocast, autocast_dtype, resolve_device
+from vptool.engine.setup import Setup
 from vptool.errors import UserError
 from vptool.recipe import Recipe, read_yaml, resolve_saved
 
@@ -146,7 +147,7 @@ def load_run(run_dir: str | Path, device: str | None = None, train_eval_transfor
 
 
 def _warn_precision(recipe: Recipe, device: torch.device) -> None:
-    from vptool.engine.setup import precision_warning
+    from vptool.engine.runtime import precision_warning
 
     slow = precision_warning(recipe.train.precision, device)
     if slow:

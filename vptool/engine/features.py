@@ -164,7 +164,7 @@ def build(model, setup, recipe: Recipe, run: Path, rank: int, observer, loader_f
     from torch.utils.data import DistributedSampler
 
     from vptool.engine import dist
-    from vptool.engine.setup import autocast
+    from vptool.engine.runtime import autocast
 
     device, amp = setup.device, setup.amp_dtype
     pre_norm = _trains(model.fc_norm)
@@ -233,7 +233,7 @@ def predict_cached(head: nn.Module, cache: FeatureCache, split: str, batch_size:
                    amp_dtype, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``evaluate.predict`` on cached features: ``(logits (N, K) float32 on CPU, labels (N,))``; every rank
     holds every row, so nothing is gathered."""
-    from vptool.engine.setup import autocast
+    from vptool.engine.runtime import autocast
 
     was_training = head.training
     head.eval()

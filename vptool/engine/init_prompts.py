@@ -1,13 +1,15 @@
 """``vptool init-prompts``: SPT prompts from the downstream training split (Wang et al. 2024, §3.3-3.4).
 
-One pass over the data: the frozen backbone runs *without* prompts on the training split with the deterministic
-eval transform, and the patch tokens of every needed level feed the strategy as they are produced (level 0 =
+One pass over the data: the frozen backbone runs *without* prompts on the training split, through the
+deterministic eval transform (``prompt.init_transform: eval``, the default for ``init_form: paper``) or the
+training augmentation (``train``, the default for ``init_form: official``: the official SPT code draws its init
+images through random resized crop + flip; seeded by the init seed), and the patch tokens of every needed level feed the strategy as they are produced (level 0 =
 ``PatchEmbed(x) + E_pos``, level t = output of block t; ``vptool.prompting.spt``). ``kmeans`` streams every token
 of a seeded ``fraction`` of the split into ``StreamingKMeans`` (``vptool.prompting.kmeans``), which never holds the
 tokens; ``mean-pool``, ``max-pool`` and ``random`` use one seeded batch of ``data.batch_size`` images.
 
 Output file (safetensors, DESIGN.md §4): ``prompts.shallow`` (Np, D) for shallow/gated prompts or ``prompts.deep``
-(L, Np, D), with metadata (every value JSON-encoded): strategy, fraction, seed, source, form, images, tokens per
+(L, Np, D), with metadata (every value JSON-encoded): strategy, fraction, seed, source, form, transform, images, tokens per
 set, inertia per set (kmeans), seconds, backbone identity (name, checkpoint, sha256, width, depth) and dataset
 identity (dataset, root, split seed, classes, training images).
 """
@@ -25,7 +27,7 @@ from torch.utils.data import Subset
 import vptool
 from vptool.backbones.build import BackboneInfo, build_backbone
 from vptool.data import build_splits, make_loader
-from vptool.engine.setup import autocast, autocast_dtype, resolve_device, seed_everything
+from vptool.engine.runtime import autocast, autocast_dtype, resolve_device, seed_everything
 from vptool.errors import UserError
 from vptool.paths import check_new_file
 from vptool.prompting.kmeans import StreamingKMeans
@@ -79,6 +81,13 @@ class InitSpec:
         return spec
 
 
+def init_transform(recipe: Recipe, spec: InitSpec) -> str:
+    """``eval`` or ``train``: the transform the init images go through (``prompt.init_transform``; ``auto`` is
+    ``train`` for ``form: official``, whose code draws them through the training augmentation, else ``eval``)."""
+    t = recipe.prompt.init_transform
+    return t if t != "auto" else ("train" if spec.form == "official" else "eval")
+
+
 def prompt_tensor_name(recipe: Recipe) -> str:
     """``prompts.deep`` for deep prompts, ``prompts.shallow`` for shallow and gated ones.
 
@@ -92,24 +101,23 @@ def prompt_tensor_name(recipe: Recipe) -> str:
     return "prompts.deep" if mode == "deep" else "prompts.shallow"
 
 
-def level_tokens(model: PromptedViT, x: torch.Tensor, max_level: int, form: str = "paper"):
-    """Yield ``(t, patch tokens (B, Ne, D))`` for t = 0..max_level from the backbone without prompts.
+def level_tokens(model: PromptedViT, x: torch.Tensor, levels: int | list[int], form: str = "paper"):
+    """Yield ``(t, patch tokens (B, Ne, D))`` for each level t in ``levels`` (ascending) from the backbone without
+    prompts; an int ``levels`` means every level 0..levels.
 
     t = 0: ``PatchEmbed(x) + E_pos`` (``form: official``: ``PatchEmbed(x)``, the official SPT code), t >= 1: the
-    output of block t. Prefix tokens are dropped. Blocks past ``max_level`` are not run.
+    output of block t (``PromptedViT.forward_intermediates``, block index t - 1). Prefix tokens are dropped.
+    Blocks past the last level are not run. The block levels of one batch are held together,
+    (levels, B, Ne, D).
     """
-    n = model.num_prefix_tokens
-    h = model.embed(x)
-    N = h.shape[1] - n
-    yield 0, (model.backbone.patch_embed(x) if form == "official" else h[:, n:])
-    if max_level == 0:
-        return
-    bb = model.backbone
-    shared = bb.rel_pos_bias() if model.is_beit and bb.rel_pos_bias is not None else None
-    for t, blk in enumerate(bb.blocks[:max_level], start=1):
-        rel = model._block_bias(blk, shared) if model.per_block_bias else shared
-        h = model._run(blk, h, None, model._rel_bias(rel, "CX", N))
-        yield t, h[:, n:]
+    wanted = list(range(levels + 1)) if isinstance(levels, int) else sorted(set(levels))
+    if 0 in wanted:
+        yield 0, (model.backbone.patch_embed(x) if form == "official" else model.embed(x)[:, model.num_prefix_tokens:])
+    blocks = [t for t in wanted if t > 0]
+    if blocks:
+        got = model.forward_intermediates(x, indices=[t - 1 for t in blocks], stop_early=True, output_fmt="NLC",
+                                          intermediates_only=True)
+        yield from zip(blocks, got)
 
 
 def _sync(device: torch.device) -> None:
@@ -146,7 +154,7 @@ def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: i
             t0 = time.perf_counter()
             x = x.to(device, non_blocking=True)
             with autocast(device, amp):
-                for t, tok in level_tokens(plain, x, max(levels), form):
+                for t, tok in level_tokens(plain, x, levels, form):
                     if t in levels:
                         _sync(device)
                         t1 = time.perf_counter()
@@ -219,7 +227,9 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
         b = recipe.backbone
         seed_everything(recipe.seed)  # a random-weight backbone is rebuilt exactly as train builds it
         backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
-    splits = build_splits(recipe.data, info.data_config, train_eval_transform=True)
+    transform = init_transform(recipe, spec)
+    # eval: the deterministic eval transform on the training split; train: the training augmentation (official SPT)
+    splits = build_splits(recipe.data, info.data_config, train_eval_transform=transform == "eval")
     plain = PromptedViT(backbone, num_classes=2, prompt_mode="none", readout_pool="avg", readout_norm="none",
                         tune="head").to(device).eval()
     L = len(backbone.blocks)
@@ -233,40 +243,44 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
     n_images = len(train)
     order = torch.randperm(n_images, generator=g)
     meta: dict = {"strategy": spec.strategy, "source": spec.source, "form": spec.form, "seed": spec.seed,
+                  "transform": transform,
                   "mode": recipe.prompt.mode, "length": Np, "levels": levels}
     pin = device.type == "cuda"
 
-    if spec.strategy == "kmeans":
-        count = max(1, round(spec.fraction * n_images))
-        # a seeded random subset, streamed in random order; under torchrun rank r streams every W-th image of it
-        subset = Subset(train, order[:count][job.rank::job.world].tolist())
-        loader = make_loader(subset, recipe.data.eval_batch_size, shuffle=False,
-                             num_workers=recipe.data.num_workers, seed=spec.seed, pin_memory=pin)
-        centres, inertia, km, extract_s, kmeans_s = stream_kmeans(plain, loader, unique, Np, spec.seed, device, amp,
-                                                                   spec.form, obs)
-        per_level = {t: centres[j].cpu() for j, t in enumerate(unique)}
-        meta.update(fraction=spec.fraction, images=count, tokens_per_set=km.seen[0],
-                    inertia=[inertia[unique.index(t)] for t in levels], summary_size=km.m,
-                    n_init=km.n_init, algorithm="streaming k-means: mini-batch micro-clusters (Sculley 2010) + "
-                                              "weighted k-means++/Lloyd on the summary")
-        prompts = [per_level[t] for t in levels]
-    else:
-        B = min(recipe.data.batch_size, n_images)
-        batch = torch.stack([train[i][0] for i in order[:B].tolist()]).to(device)
-        t0 = time.perf_counter()
-        with torch.no_grad(), autocast(device, amp):
-            got = {t: tok.float() for t, tok in level_tokens(plain, batch, max(unique), spec.form) if t in unique}
-        _sync(device)
-        extract_s = time.perf_counter() - t0
-        prompts = []
-        for t in levels:
-            tok = got[t]
-            if spec.strategy == "random":
-                prompts.append(sample_prompts(tok, Np, g).cpu())
-            else:
-                prompts.append(pool_prompts(tok, Np, spec.strategy.split("-")[0], spec.form, g).cpu())
-        meta.update(fraction=None, images=B, tokens_per_set=B * got[levels[0]].shape[1],
-                    batch_images=order[:B].tolist())
+    # the training augmentation draws from torch's RNG: a fork seeded by the init seed keeps the caller's stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed + job.rank)
+        if spec.strategy == "kmeans":
+            count = max(1, round(spec.fraction * n_images))
+            # a seeded random subset, streamed in random order; under torchrun rank r streams every W-th image of it
+            subset = Subset(train, order[:count][job.rank::job.world].tolist())
+            loader = make_loader(subset, recipe.data.eval_batch_size, shuffle=False,
+                                 num_workers=recipe.data.num_workers, seed=spec.seed, pin_memory=pin)
+            centres, inertia, km, extract_s, kmeans_s = stream_kmeans(plain, loader, unique, Np, spec.seed, device, amp,
+                                                                       spec.form, obs)
+            per_level = {t: centres[j].cpu() for j, t in enumerate(unique)}
+            meta.update(fraction=spec.fraction, images=count, tokens_per_set=km.seen[0],
+                        inertia=[inertia[unique.index(t)] for t in levels], summary_size=km.m,
+                        n_init=km.n_init, algorithm="streaming k-means: mini-batch micro-clusters (Sculley 2010) + "
+                                                  "weighted k-means++/Lloyd on the summary")
+            prompts = [per_level[t] for t in levels]
+        else:
+            B = min(recipe.data.batch_size, n_images)
+            batch = torch.stack([train[i][0] for i in order[:B].tolist()]).to(device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast(device, amp):
+                got = {t: tok.float() for t, tok in level_tokens(plain, batch, unique, spec.form)}
+            _sync(device)
+            extract_s = time.perf_counter() - t0
+            prompts = []
+            for t in levels:
+                tok = got[t]
+                if spec.strategy == "random":
+                    prompts.append(sample_prompts(tok, Np, g).cpu())
+                else:
+                    prompts.append(pool_prompts(tok, Np, spec.strategy.split("-")[0], spec.form, g).cpu())
+            meta.update(fraction=None, images=B, tokens_per_set=B * got[levels[0]].shape[1],
+                        batch_images=order[:B].tolist())
     if job.active:
         meta["world_size"] = job.world
     tensor = torch.stack(prompts) if name == "prompts.deep" else prompts[0]

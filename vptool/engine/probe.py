@@ -28,8 +28,9 @@ import torch
 from torch.utils.data import Subset
 
 import vptool
-from vptool.analysis.nmi import NMIRecorder, summarize
-from vptool.engine.setup import Setup, prepare, resolve_device
+from vptool.analysis.nmi import NMIRecorder, block_inputs, summarize
+from vptool.engine.runtime import resolve_device
+from vptool.engine.setup import Setup, prepare
 from vptool.errors import UserError
 from vptool.paths import write_csv_atomically, write_text_atomically
 from vptool.recipe import Recipe
@@ -176,7 +177,7 @@ def probe_images(target: ProbeTarget, split: str, max_images: int | None, seed: 
 def nmi_per_image(model, loader, device: torch.device, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-image NMI for every block (SPT eq. 7-8) and the saturated fraction of P.E pairs.
 
-    Runs ``forward_features`` in eval mode and float32; the recorder sees each block's input.
+    Runs the model in eval mode and float32; the recorder sees each block's input (``nmi.block_inputs``).
 
     Returns:
         ``(nmi, saturation)``, each (images, L) float64, column i = block i + 1.
@@ -187,7 +188,8 @@ def nmi_per_image(model, loader, device: torch.device, on_batch=None) -> tuple[n
     try:
         for x, _ in loader:
             rec.start_batch()
-            model.forward_features(x.to(device, non_blocking=True).float(), on_block_input=rec)
+            for i, prompts, patches in block_inputs(model, x.to(device, non_blocking=True).float()):
+                rec(i, prompts, patches)
             if on_batch is not None:
                 on_batch()
     finally:

@@ -2,86 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vptool.adapter import backbone_record
 from vptool.backbones.build import BackboneInfo, build_backbone
 from vptool.data import Splits, build_splits
+from vptool.engine.runtime import (  # noqa: F401  (re-exported: setup was their home)
+    autocast,
+    autocast_dtype,
+    precision_warning,
+    resolve_device,
+    seed_everything,
+)
 from vptool.errors import UserError
 from vptool.prompting.model import PromptedViT
 from vptool.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-def resolve_device(spec: str | torch.device, key: str = "train.device") -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``.
-
-    Raises:
-        UserError: an unknown device, or CUDA asked for but not available (one line naming ``key``).
-    """
-    if isinstance(spec, torch.device):
-        spec = str(spec)
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise UserError(f"{key}: {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{key}: {spec!r} but no CUDA device is available; use auto or cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"{key}: {spec!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif dev.type != "cpu":
-        raise UserError(f"{key}: {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return dev
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision``: ``bf16`` is bf16 autocast on any device (on a CPU without
-    native bf16 it runs emulated and slowly: ``precision_warning``); ``auto`` is bf16 on a CUDA device that
-    supports it (``torch.cuda.is_bf16_supported``: Ampere and newer) and fp32 (no autocast) elsewhere, the CPU
-    included; ``fp32`` is no autocast."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and _cuda_bf16(device):
-        return torch.bfloat16
-    return None
-
-
-def _cuda_bf16(device: torch.device) -> bool:
-    with torch.cuda.device(device):
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-
-
-def precision_warning(precision: str, device: torch.device) -> str | None:
-    """One line when ``precision`` will be slow on ``device`` (bf16 on a CPU without avx512_bf16/amx_bf16,
-    ``vptool.hardware``), else None."""
-    from vptool.hardware import bf16_cpu_warning
-
-    return bf16_cpu_warning(precision, device.type)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` for ``dtype``, or a no-op context for fp32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
 
 @dataclass
 class Setup:
@@ -104,6 +45,7 @@ MODEL_KEYS = {
     "gate_kind": ("prompt", "gate"), "readout_pool": ("readout", "pool"), "readout_norm": ("readout", "norm"),
     "tune": ("train", "tune"), "temperature": ("attention", "temperature"), "mask_token": ("tokens", "mask"),
     "token_order": ("tokens", "order"), "head": ("head", "type"), "head_dim": ("head", "dim"),
+    "head_init": ("head", "init"),
 }
 
 
@@ -116,14 +58,59 @@ def model_kwargs(recipe: Recipe | dict) -> dict:
     return kw
 
 
+def backbone_pretraining(name: str, fmt: str | None, backbone: torch.nn.Module) -> str:
+    """``supervised`` / ``mae`` / ``mocov3`` / ``beit`` (``vptool.conventions.pretraining_of``) for a built
+    backbone: ``fmt`` is the format its file was loaded as, or the explicit ``backbone.format``."""
+    from vptool.conventions import pretraining_of
+    from vptool.prompting.families import family_for
+
+    return pretraining_of(name, None if fmt in (None, "auto") else fmt, family_for(backbone, name).name)
+
+
+def resolve_auto(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo) -> list[str]:
+    """Replace the recipe's ``auto`` conventions by what they mean for this method and backbone, in place, so
+    ``recipe.yaml`` records the values that ran:
+
+    - ``readout.pool`` / ``readout.norm: auto``: the method's official readout on the backbone's pretraining
+      (``vptool.conventions``; the preset's ``convention``);
+    - ``prompt.init_transform: auto``: ``train`` with ``prompt.init_form: official`` (the official SPT code
+      draws its init images through the training augmentation), else ``eval``.
+
+    Returns:
+        one line per resolved key, e.g. ``readout.pool: auto -> avg_all (vpt convention, mae backbone)``.
+    """
+    from vptool.conventions import resolve_readout
+    from vptool.recipe import PRESETS
+
+    notes = []
+    r = recipe.readout
+    if "auto" in (r.pool, r.norm):
+        convention = PRESETS[recipe.method].convention
+        fmt = info.format or recipe.backbone.format
+        pretraining = backbone_pretraining(recipe.backbone.name, fmt, backbone)
+        has_cls = getattr(backbone, "cls_token", None) is not None
+        pool, norm = resolve_readout(r.pool, r.norm, convention, pretraining, has_cls)
+        why = f"{convention} convention, {pretraining} backbone"
+        for key, old, new in (("readout.pool", r.pool, pool), ("readout.norm", r.norm, norm)):
+            if old == "auto":
+                notes.append(f"{key}: auto -> {new} ({why})")
+        r.pool, r.norm = pool, norm
+    p = recipe.prompt
+    if p.init_transform == "auto":
+        p.init_transform = "train" if p.init_form == "official" else "eval"
+    return notes
+
+
 def build_model(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo, num_classes: int,
                 **overrides) -> PromptedViT:
     """The prompted model for ``recipe`` on ``backbone``, seeded by ``recipe.seed``, carrying what inference and
     ``save_pretrained`` need: the backbone's data config, the evaluation transform, the backbone's record.
+    The recipe's ``auto`` conventions are resolved first, in place (``resolve_auto``).
 
     Raises:
         UserError: an option the backbone cannot support.
     """
+    resolve_auto(recipe, backbone, info)  # a no-op after prepare; here for callers that build a model directly
     seed_everything(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     kw = {**model_kwargs(recipe), "pretrained_mask_token": info.extras.get("mask_token"), **overrides}
@@ -168,6 +155,8 @@ def prepare(recipe: Recipe, device: torch.device | None = None, observer=None, f
     b = recipe.backbone
     seed_everything(recipe.seed)  # a backbone without weights (pretrained: false) is then rebuilt identically
     backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
+    for line in resolve_auto(recipe, backbone, info):
+        log.info(line)
     if check_mem:
         check_memory(recipe, backbone, device)  # before the prompts are allocated and before any run file
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=train_eval_transform)
@@ -305,6 +294,7 @@ def dry_run(recipe: Recipe) -> dict:
     else:
         with torch.device("meta"):
             backbone, info = build_backbone(b.name, False, None, b.kwargs, format=b.format)
+    resolved = resolve_auto(recipe, backbone, info)
     memory = check_memory(recipe, backbone, device)
     num_classes = recipe.data.num_classes
     if recipe.data.dataset != "digits" and have.get("data.root", True):
@@ -320,7 +310,11 @@ def dry_run(recipe: Recipe) -> dict:
         splits = build_splits(recipe.data, info.data_config)
         check_num_classes(recipe, len(splits.classes))
         num_classes = len(splits.classes)
-    out = {"recipe": recipe.to_dict(), "inputs": inputs, "ready": all(have.values()), "device": str(device),
+    if resolved and not have.get("backbone.checkpoint", True):
+        resolved = [f"{line}; from the name alone: the checkpoint is not read yet, its format may change it"
+                    for line in resolved]
+    out = {"recipe": recipe.to_dict(), "resolved": resolved, "inputs": inputs, "ready": all(have.values()),
+           "device": str(device),
            "trainable_params": None, "total_params": None, "mask_token": None,
            "memory_estimate_bytes": memory["bytes"], "memory_available_bytes": memory["available"]}
     if num_classes is None:

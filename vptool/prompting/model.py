@@ -6,7 +6,7 @@ papers use. The axes, each independent of the others:
 - prompt mode ``none`` / ``shallow`` / ``deep`` / ``gated``:
   - ``shallow`` (VPT, Jia et al. 2022, eq. 4-5): one set P (Np, D) inserted once and carried through every block.
   - ``deep`` (VPT eq. 7): L sets P (L, Np, D); set i enters block i+1 and the block's prompt outputs are dropped.
-    Computed in the prefix form (``attention.block_forward(prefix=...)``), equal to the concatenated form on every
+    Computed in the prefix form (``attention.prompted_attention(prefix=...)``), equal to the concatenated form on every
     other row. When the readout needs the last block's prompt outputs (``avg_all``) the last block runs
     concatenated.
   - ``gated`` (GateVPT, Yoo et al. 2023, eq. 6-8, Alg. 1): shallow prompts; after block l (l = 1..L-1, not the
@@ -46,6 +46,7 @@ from vptool.errors import UserError
 from vptool.options import (
     DeepForm,
     GateKind,
+    HeadInit,
     HeadType,
     MaskToken,
     PromptInit,
@@ -57,7 +58,7 @@ from vptool.options import (
     Tune,
     check_choice,
 )
-from vptool.prompting.attention import block_forward, block_rel_pos_bias
+from vptool.prompting.families import family_for
 from vptool.prompting.heads import build_head
 from vptool.prompting.init import init_prompts, load_prompt_file
 from vptool.prompting.layout import default_order, order_problem
@@ -65,7 +66,7 @@ from vptool.prompting.layout import default_order, order_problem
 #: the constructor options that are choices, and their tables (shared with the recipe schema).
 CHOICE_OPTIONS = {"prompt_mode": PromptMode, "prompt_init": PromptInit, "readout_pool": ReadoutPool,
                   "readout_norm": ReadoutNorm, "tune": Tune, "deep_form": DeepForm, "gate_kind": GateKind,
-                  "temperature": Temperature, "mask_token": MaskToken, "head": HeadType}
+                  "temperature": Temperature, "mask_token": MaskToken, "head": HeadType, "head_init": HeadInit}
 
 
 class PromptTokens(nn.Module):
@@ -153,6 +154,8 @@ class PromptedViT(nn.Module):
         token_order: order string (see module doc); None for the default.
         head: ``linear``, ``verbalizer``, ``mlp1`` or ``mlp2``.
         head_dim: t (verbalizer prototype width) or the ``mlp2`` hidden width.
+        head_init: ``trunc_normal`` (std 0.02, zero bias) or ``official`` (the VPT/GateVPT code's: kaiming-normal
+            fan_out weights, logit bias -log(99); ``heads.py``).
 
     Attributes:
         options: the validated options above that rebuild this model (``adapter_config.json`` "model").
@@ -172,8 +175,9 @@ class PromptedViT(nn.Module):
 
     Raises:
         ValueError: an option outside its allowed values (``vptool.options``; the message names them all).
-        UserError: an option the backbone cannot support (``cls`` readout without a class token, a pretrained
-            [MASK] token the backbone does not have, an invalid token order).
+        UserError: a backbone family without an ops file (``vptool.prompting.families``), or an option the
+            backbone cannot support (``cls`` readout without a class token, a pretrained [MASK] token the backbone
+            does not have, an invalid token order).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, prompt_mode: str = "none", prompt_length: int = 10,
@@ -184,87 +188,103 @@ class PromptedViT(nn.Module):
                  gate_init: float = 5.0, gate_kind: str = "soft", temperature: str = "fixed",
                  temperature_range: tuple[float, float] = (0.01, 10.0), mask_token: str = "none",
                  pretrained_mask_token: torch.Tensor | None = None, token_order: str | None = None,
-                 head: str = "linear", head_dim: int = 128):
+                 head: str = "linear", head_dim: int = 128, head_init: str = "trunc_normal"):
         super().__init__()
         given = dict(prompt_mode=prompt_mode, prompt_init=prompt_init, readout_pool=readout_pool,
                      readout_norm=readout_norm, tune=tune, deep_form=deep_form, gate_kind=gate_kind,
-                     temperature=temperature, mask_token=mask_token, head=head)
+                     temperature=temperature, mask_token=mask_token, head=head, head_init=head_init)
         for name, value in given.items():
             check_choice(name, value, CHOICE_OPTIONS[name])
         if readout_pool == "cls" and getattr(backbone, "cls_token", None) is None:
             raise UserError("readout.pool: 'cls' needs a backbone with a class token; use avg")
         self.backbone = backbone
-        self.is_beit = hasattr(backbone, "rel_pos_bias")
-        # BEiT with a relative position bias per block (fine-tuned checkpoints) rather than one shared table
-        self.per_block_bias = self.is_beit and any(
-            getattr(b.attn, "relative_position_bias_table", None) is not None for b in backbone.blocks)
+        self.family = family_for(backbone)  # the backbone family's ops: embedding, block forward, position bias
+        self.per_block_bias = self.family.has_block_position_bias(backbone)
         self.prompt_mode = prompt_mode
         self.readout_pool = readout_pool
         self.readout_norm = readout_norm
         self.tune = tune
         self.deep_form = deep_form
         self.num_prefix_tokens = backbone.num_prefix_tokens
-        D = backbone.embed_dim
-        L = len(backbone.blocks)
-
-        # ---- prompts
-        self.prompts: PromptTokens | None = None
-        if prompt_mode != "none":
-            kind = "deep" if prompt_mode == "deep" else "shallow"
-            shape = (prompt_length, D) if kind == "shallow" else (L, prompt_length, D)
-            name = f"prompts.{kind}"
-            if prompt_values is not None:
-                if tuple(prompt_values.shape) != shape:
-                    raise UserError(f"prompt.init: {name} has shape {tuple(prompt_values.shape)}, the model needs "
-                                    f"{shape}; match prompt.length and the backbone")
-                init = prompt_values.detach().float().cpu().clone()
-            elif prompt_init == "file":
-                if not prompt_file:
-                    raise UserError("prompt.init_file: missing; prompt.init 'file' needs an init-prompts output")
-                init = load_prompt_file(prompt_file, name, shape)
-            elif prompt_init not in ("xavier", "zeros"):
-                raise ValueError(f"prompt_init {prompt_init!r} needs prompt_values (vptool.engine.init_prompts)")
-            else:
-                init = init_prompts(shape, prompt_init, tuple(backbone.patch_embed.patch_size), D, generator)
-            self.prompts = PromptTokens(kind, init, prompt_dropout)
+        D, L = backbone.embed_dim, len(backbone.blocks)
+        self.prompts = self._build_prompts(prompt_mode, prompt_length, prompt_init, prompt_file, prompt_values,
+                                           prompt_dropout, generator)
         self.gates = PromptGates(L - 1, gate_init, gate_kind) if prompt_mode == "gated" else None
-
-        # ---- temperature (GateVPT eq. 9)
+        # temperature (GateVPT eq. 9)
         self.temperature_range = tuple(float(v) for v in temperature_range)
         self.temperature = nn.Parameter(torch.ones(L)) if temperature == "learnable" else None
-
-        # ---- [MASK] token (VPTM eq. 6)
-        self.mask_source: str | None = None
-        self.mask_token: torch.Tensor | None
-        if mask_token == "none":
-            self.mask_token = None
-        else:
-            have = pretrained_mask_token is not None
-            if mask_token == "pretrained" and not have:
-                raise UserError("tokens.mask: 'pretrained' but this backbone has no pretrained [MASK] embedding "
-                                "(a BEiT v2 pretraining checkpoint has one); use auto or learnable")
-            if mask_token in ("pretrained", "auto") and have:
-                self.register_buffer("mask_token", pretrained_mask_token.detach().float().reshape(1, D).clone(),
-                                     persistent=False)
-                self.mask_source = "pretrained"
-            else:
-                t = torch.empty(1, D)
-                nn.init.trunc_normal_(t, std=0.02, generator=generator)
-                self.mask_token = nn.Parameter(t)
-                self.mask_source = "learned"
+        self._build_mask_token(mask_token, pretrained_mask_token, generator)
         if readout_pool == "mask" and self.mask_source is None:
             raise UserError("readout.pool: 'mask' needs a [MASK] token; set tokens.mask: auto")
-
-        # ---- token layout
         self.order = self._check_order(token_order)
         self.prompt_rows = prompt_mode in ("shallow", "gated")  # prompts are rows of every block's input
-
-        # ---- readout and head
+        # readout and head
         self.fc_norm = nn.LayerNorm(D, eps=1e-6) if readout_norm == "fresh" else None
-        self.head_name, head_module = build_head(head, D, num_classes, head_dim, generator)
+        self.head_name, head_module = build_head(head, D, num_classes, head_dim, generator, init=head_init)
         setattr(self, self.head_name, head_module)
+        self._set_trainable(tune, prompt_trainable)
+        # what rebuilds this model (adapter_config.json "model"), and what inference needs to know
+        self.options = {**given, "prompt_length": int(prompt_length), "prompt_dropout": float(prompt_dropout),
+                        "prompt_trainable": bool(prompt_trainable), "gate_init": float(gate_init),
+                        "temperature_range": list(self.temperature_range), "token_order": self.order,
+                        "head_dim": int(head_dim)}
+        self.num_classes = num_classes
+        self.class_names: list[str] | None = None  # K names, index = label (set by vptool's builders)
+        self.eval_transform = "vtab"  # the protocol whose evaluation transform predict() uses (data.train_transform)
+        self.backbone_config: dict | None = None  # how to rebuild the backbone (set by vptool's builders)
+        self.adapter_info: dict = {}  # provenance for the model card: method, dataset, metrics, recipe
+        self._data_config = _backbone_data_config(backbone)
 
-        # ---- the trainable set, explicit. The backbone is frozen unless tune == "all".
+    def _build_prompts(self, mode: str, length: int, init_name: str, file: str | None,
+                       values: torch.Tensor | None, dropout: float,
+                       generator: torch.Generator | None) -> PromptTokens | None:
+        """The prompt tokens, (Np, D) shallow/gated or (L, Np, D) deep, from ``values``, a file or an init rule."""
+        if mode == "none":
+            return None
+        bb = self.backbone
+        D, L = bb.embed_dim, len(bb.blocks)
+        kind = "deep" if mode == "deep" else "shallow"
+        shape = (length, D) if kind == "shallow" else (L, length, D)
+        name = f"prompts.{kind}"
+        if values is not None:
+            if tuple(values.shape) != shape:
+                raise UserError(f"prompt.init: {name} has shape {tuple(values.shape)}, the model needs "
+                                f"{shape}; match prompt.length and the backbone")
+            init = values.detach().float().cpu().clone()
+        elif init_name == "file":
+            if not file:
+                raise UserError("prompt.init_file: missing; prompt.init 'file' needs an init-prompts output")
+            init = load_prompt_file(file, name, shape)
+        elif init_name not in ("xavier", "zeros"):
+            raise ValueError(f"prompt_init {init_name!r} needs prompt_values (vptool.engine.init_prompts)")
+        else:
+            init = init_prompts(shape, init_name, tuple(bb.patch_embed.patch_size), D, generator)
+        return PromptTokens(kind, init, dropout)
+
+    def _build_mask_token(self, mode: str, pretrained: torch.Tensor | None,
+                          generator: torch.Generator | None) -> None:
+        """The [MASK] token (VPTM eq. 6): a buffer holding the pretrained one, a learnable (1, D), or None."""
+        self.mask_source: str | None = None
+        self.mask_token: torch.Tensor | None
+        if mode == "none":
+            self.mask_token = None
+            return
+        D = self.backbone.embed_dim
+        have = pretrained is not None
+        if mode == "pretrained" and not have:
+            raise UserError("tokens.mask: 'pretrained' but this backbone has no pretrained [MASK] embedding "
+                            "(a BEiT v2 pretraining checkpoint has one); use auto or learnable")
+        if mode in ("pretrained", "auto") and have:
+            self.register_buffer("mask_token", pretrained.detach().float().reshape(1, D).clone(), persistent=False)
+            self.mask_source = "pretrained"
+        else:
+            t = torch.empty(1, D)
+            nn.init.trunc_normal_(t, std=0.02, generator=generator)
+            self.mask_token = nn.Parameter(t)
+            self.mask_source = "learned"
+
+    def _set_trainable(self, tune: str, prompt_trainable: bool) -> None:
+        """The trainable set, explicit: the backbone (and a fresh readout norm) only when ``tune == "all"``."""
         self.backbone.requires_grad_(tune == "all")
         if self.fc_norm is not None:
             self.fc_norm.requires_grad_(tune == "all")
@@ -277,18 +297,6 @@ class PromptedViT(nn.Module):
         if isinstance(self.mask_token, nn.Parameter):
             self.mask_token.requires_grad_(adapt)
         self.backbone.eval()
-
-        # ---- what rebuilds this model (adapter_config.json "model"), and what inference needs to know
-        self.options = {**given, "prompt_length": int(prompt_length), "prompt_dropout": float(prompt_dropout),
-                        "prompt_trainable": bool(prompt_trainable), "gate_init": float(gate_init),
-                        "temperature_range": list(self.temperature_range), "token_order": self.order,
-                        "head_dim": int(head_dim)}
-        self.num_classes = num_classes
-        self.class_names: list[str] | None = None  # K names, index = label (set by vptool's builders)
-        self.eval_transform = "vtab"  # the protocol whose evaluation transform predict() uses (data.train_transform)
-        self.backbone_config: dict | None = None  # how to rebuild the backbone (set by vptool's builders)
-        self.adapter_info: dict = {}  # provenance for the model card: method, dataset, metrics, recipe
-        self._data_config = _backbone_data_config(backbone)
 
     def _check_order(self, order: str | None) -> str:
         has_prompts, has_mask = self.prompts is not None, self.mask_source is not None
@@ -338,15 +346,14 @@ class PromptedViT(nn.Module):
     def _split(self, x: torch.Tensor, order: str, N: int) -> dict[str, torch.Tensor]:
         return {ch: x[:, sl] for ch, sl in self.slices(order, N).items()}
 
-    def _rel_bias(self, rel: torch.Tensor | None, order: str, N: int, prefix: int = 0) -> torch.Tensor | None:
-        """Expand a (1 or H, 1+N, 1+N) CLS+patch relative position bias to the rows of ``order``.
+    def position_bias(self, rel: torch.Tensor | None, order: str, N: int, prefix: int = 0) -> torch.Tensor | None:
+        """Expand a (H, 1+N, 1+N) CLS+patch relative position bias to the rows of ``order``.
 
         Returns (1, H, T, prefix + T) with zeros for prompt and [MASK] rows/columns and ``prefix`` leading
         zero columns (deep prompts' keys), or None without a relative position bias.
         """
         if rel is None:
             return None
-        rel = rel.reshape(-1, *rel.shape[-3:])[0] if rel.dim() == 4 else rel  # (H, 1+N, 1+N)
         sl = self.slices(order, N)
         idx = torch.cat([torch.arange(sl["C"].start, sl["C"].stop), torch.arange(sl["X"].start, sl["X"].stop)])
         idx = idx.to(rel.device)
@@ -355,31 +362,11 @@ class PromptedViT(nn.Module):
         full[:, idx[:, None], prefix + idx[None, :]] = rel
         return full.unsqueeze(0)
 
-    def _block_bias(self, blk: nn.Module, shared: torch.Tensor | None) -> torch.Tensor | None:
-        """A BEiT block's own (H, 1+N, 1+N) relative position bias, plus the shared one if any."""
-        own = block_rel_pos_bias(blk)[0]
-        return own if shared is None else own + shared
-
     # ------------------------------------------------------------------------------------------- forward
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding + position embedding + prefix tokens: (B, 3, H, W) -> (B, n_prefix + N, D)."""
-        bb = self.backbone
-        if self.is_beit:
-            x = bb.patch_embed(x)
-            x = torch.cat([bb.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            if bb.pos_embed is not None:
-                x = x + bb.pos_embed
-            return bb.pos_drop(x)
-        x = bb.patch_embed(x)
-        x = bb._pos_embed(x)
-        x = bb.patch_drop(x)
-        return bb.norm_pre(x)
-
-    def _run(self, blk: nn.Module, x: torch.Tensor, tau: torch.Tensor | None, bias: torch.Tensor | None,
-             prefix: torch.Tensor | None = None) -> torch.Tensor:
-        if tau is None and bias is None and prefix is None and not self.is_beit:
-            return blk(x)  # timm's own forward (fused attention)
-        return block_forward(blk, x, prefix=prefix, temperature=tau, attn_bias=bias)
+        """Patch embedding + position embedding + prefix tokens (the family's ``embed``):
+        (B, 3, H, W) -> (B, n_prefix + N, D)."""
+        return self.family.embed(self.backbone, x)
 
     def temperatures(self) -> torch.Tensor | None:
         """tau (L,) clamped to the allowed range, or None when the temperature is fixed."""
@@ -387,22 +374,15 @@ class PromptedViT(nn.Module):
             return None
         return self.temperature.clamp(*self.temperature_range)
 
-    def forward_features(self, x: torch.Tensor, on_block_input=None) -> torch.Tensor:
-        """Tokens after the last block, before any norm.
+    def _blocks(self, x: torch.Tensor, last: int | None = None):
+        """Run the blocks; yield ``(i, tokens after block i (B, T, D), their row order, N)`` for i = 0..last.
 
-        Args:
-            x: images.
-            on_block_input: optional ``f(i, prompts, patches)`` called before block i (0-based) runs, with the
-                prompt representations entering it, (B, Np, D) for shallow/gated (the propagated prompt rows) or
-                (1 or B, Np, D) for deep (prompt set i), None without prompts, and the patch tokens entering it,
-                (B, N, D). Used by the NMI probe (``vptool.analysis.nmi``).
-
-        Input Shape:
-            (B, 3, H, W)
-        Output Shape:
-            (B, T, D), rows in ``self.output_order`` (``self.slices`` gives each letter's rows): prefix tokens,
-            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row.
+        After a gated block the prompt rows are already the gated mix (GateVPT eq. 7), i.e. the rows entering
+        block i + 1.
         """
+        family, blocks = self.family, self.backbone.blocks
+        L = len(blocks)
+        last = L - 1 if last is None else last
         tok = self.embed(x)
         B = tok.shape[0]
         N = tok.shape[1] - self.num_prefix_tokens
@@ -413,52 +393,122 @@ class PromptedViT(nn.Module):
             parts["P"] = self.prompts.set(None, B).to(tok.dtype).expand(B, -1, -1)
         order = self.row_order()
         h = self._assemble(parts, order)
-        shared = self.backbone.rel_pos_bias() if self.is_beit and self.backbone.rel_pos_bias is not None else None
+        shared = family.shared_position_bias(self.backbone)
         taus = self.temperatures()
         gates = self.gates.values(B) if self.gates is not None else None
-        blocks = self.backbone.blocks
-        L = len(blocks)
         Np = self.prompts.length if self.prompts is not None else 0
-        per_block = self.per_block_bias
         cached: dict[tuple[str, int], torch.Tensor | None] = {}  # shared bias only: expand it once per forward
 
         def bias_for(rel, order_, prefix=0):
-            if per_block:
-                return self._rel_bias(rel, order_, N, prefix)
+            if self.per_block_bias:
+                return self.position_bias(rel, order_, N, prefix)
             if (order_, prefix) not in cached:
-                cached[(order_, prefix)] = self._rel_bias(rel, order_, N, prefix)
+                cached[(order_, prefix)] = self.position_bias(rel, order_, N, prefix)
             return cached[(order_, prefix)]
 
-        for i, blk in enumerate(blocks):
+        for i, blk in enumerate(blocks[:last + 1]):
             tau = None if taus is None else taus[i]
-            rel = self._block_bias(blk, shared) if per_block else shared
-            p = self.prompts.set(i, B).to(h.dtype) if self.prompt_mode == "deep" else None
-            if on_block_input is not None:
-                sl = self.slices(order, N)
-                on_block_input(i, p if p is not None else (h[:, sl["P"]] if "P" in sl else None), h[:, sl["X"]])
+            rel = shared
+            if self.per_block_bias:
+                own = family.block_position_bias(blk)
+                rel = own if shared is None else own + shared
             if self.prompt_mode == "deep":
+                p = self.prompts.set(i, B).to(h.dtype)
                 keep_rows = i == L - 1 and self.readout_pool == "avg_all"
                 if self.deep_form == "prefix" and not keep_rows:
-                    h = self._run(blk, h, tau, bias_for(rel, order, prefix=Np), prefix=p)
-                    continue
-                full = self.row_order(with_prompts=True)
-                y = self._run(blk, self._assemble({**self._split(h, order, N), "P": p.expand(B, -1, -1)}, full),
-                              tau, bias_for(rel, full))
-                if keep_rows:
-                    h, order = y, full
+                    h = family.block(blk, h, p, tau, bias_for(rel, order, prefix=Np))
                 else:
-                    y_parts = self._split(y, full, N)
-                    h = self._assemble(y_parts, order)
-                continue
-            h_in = h
-            h = self._run(blk, h, tau, bias_for(rel, order))
-            if gates is not None and i < L - 1:  # GateVPT eq. 7: no gate after the last block
-                g = gates[..., i]
-                g = g.view(-1, 1, 1) if g.dim() == 1 else g
-                sl = self.slices(order, N)["P"]
-                gated = g.to(h.dtype) * h[:, sl] + (1 - g.to(h.dtype)) * h_in[:, sl]
-                h = torch.cat([h[:, :sl.start], gated, h[:, sl.stop:]], dim=1)
+                    full = self.row_order(with_prompts=True)
+                    y = family.block(blk, self._assemble({**self._split(h, order, N), "P": p.expand(B, -1, -1)},
+                                                         full), None, tau, bias_for(rel, full))
+                    if keep_rows:
+                        h, order = y, full
+                    else:
+                        h = self._assemble(self._split(y, full, N), order)
+            else:
+                h_in = h
+                h = family.block(blk, h, None, tau, bias_for(rel, order))
+                if gates is not None and i < L - 1:  # GateVPT eq. 7: no gate after the last block
+                    g = gates[..., i]
+                    g = g.view(-1, 1, 1) if g.dim() == 1 else g
+                    sl = self.slices(order, N)["P"]
+                    gated = g.to(h.dtype) * h[:, sl] + (1 - g.to(h.dtype)) * h_in[:, sl]
+                    h = torch.cat([h[:, :sl.start], gated, h[:, sl.stop:]], dim=1)
+            yield i, h, order, N
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block, before any norm.
+
+        Input Shape:
+            (B, 3, H, W)
+        Output Shape:
+            (B, T, D), rows in ``self.output_order`` (``self.slices`` gives each letter's rows): prefix tokens,
+            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row.
+        """
+        h = None
+        for _, h, _, _ in self._blocks(x):
+            pass
         return h
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              return_prompt_tokens: bool = False):
+        """The outputs of chosen blocks, as timm's ``VisionTransformer.forward_intermediates``.
+
+        Args:
+            x: (B, 3, H, W) images.
+            indices: block indices (0-based; negative counts from the end), or an int n for the last n blocks;
+                None for every block.
+            return_prefix_tokens: also return each block's prefix tokens (CLS, registers), (B, n_prefix, D).
+            norm: apply the backbone's final norm to each intermediate.
+            stop_early: run no block after the last index.
+            output_fmt: ``NCHW`` (patch tokens as (B, D, h, w) with h, w the patch grid) or ``NLC`` ((B, N, D)).
+            intermediates_only: return only the list of intermediates.
+            return_prompt_tokens: vptool's addition: also return the prompt rows after each block, (B, Np, D),
+                i.e. the rows entering the next block (after the gate for gated prompts); None for deep prompts,
+                whose rows are not computed in the prefix form (block i + 1 sees the learned set
+                ``prompts.set(i + 1, B)``) and without prompts.
+
+        Returns:
+            ``intermediates`` (``intermediates_only``) or ``(final, intermediates)``. Each intermediate is the
+            patch tensor, or a tuple ``(patches, prefix tokens[, prompt tokens])`` with the flags above (prompt
+            tokens last). ``final`` is, unlike timm's normed sequence, what ``forward_head`` consumes: the tokens
+            after the last block run, before any norm (``forward_features`` when every block ran).
+
+        Raises:
+            ValueError: an index outside the blocks or an unknown ``output_fmt``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} is not one of 'NCHW', 'NLC'")
+        L = len(self.backbone.blocks)
+        if indices is None:
+            take = list(range(L))
+        elif isinstance(indices, int):
+            take = list(range(L - indices, L))
+        else:
+            take = [i + L if i < 0 else i for i in indices]
+        if not take or min(take) < 0 or max(take) >= L:
+            raise ValueError(f"indices={indices!r} must select blocks among 0..{L - 1}")
+        norm_layer = self.family.final_norm(self.backbone) if norm else None
+        grid = self.backbone.patch_embed.grid_size if output_fmt == "NCHW" else None
+        out: list = []
+        h = None
+        for i, h, order, N in self._blocks(x, last=max(take) if stop_early else None):
+            if i not in take:
+                continue
+            y = norm_layer(h) if norm_layer is not None else h
+            sl = self.slices(order, N)
+            patches = y[:, sl["X"]]
+            if grid is not None:
+                patches = patches.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+            extra = []
+            if return_prefix_tokens:
+                extra.append(y[:, sl["C"]])
+            if return_prompt_tokens:
+                extra.append(y[:, sl["P"]] if "P" in sl else None)
+            out.append(tuple([patches, *extra]) if extra else patches)
+        return out if intermediates_only else (h, out)
 
     @property
     def output_order(self) -> str:
@@ -490,9 +540,7 @@ class PromptedViT(nn.Module):
     def norm_pooled(self, z: torch.Tensor) -> torch.Tensor:
         """The readout's norm (``readout.norm``) on pooled (B, D) features."""
         if self.readout_norm == "pretrained":
-            bb = self.backbone
-            norm = bb.norm if not isinstance(bb.norm, nn.Identity) else bb.fc_norm
-            z = norm(z)
+            z = self.family.final_norm(self.backbone)(z)
         elif self.readout_norm == "fresh":
             z = self.fc_norm(z)
         return z

@@ -1,0 +1,114 @@
+"""Backbone families: what differs between timm ViT-like models, behind one small interface.
+
+A family's ops file says, for one timm model class, how to
+
+- ``embed`` images into the token sequence (patch embedding, prefix tokens: CLS and any register tokens, and
+  absolute position embeddings), (B, 3, H, W) -> (B, n_prefix + N, D);
+- run one ``block`` with prefix keys/values, a temperature and an additive attention bias
+  (``vptool.prompting.attention.prompted_attention`` plus the family's residual branch);
+- give the **relative position bias** over CLS + patches, shared by all blocks and/or per block, (H, 1+N, 1+N),
+  or None for families with absolute positions only;
+- name the backbone's final norm (the ``pretrained`` readout norm).
+
+``family_for(backbone)`` picks the ops file by the backbone's class, at build time (``build_backbone`` and
+``PromptedViT``), and refuses any other model in one line. Families today:
+
+==========  =========================================  ==========================================================
+name        timm class                                  ops file
+==========  =========================================  ==========================================================
+``vit``     ``VisionTransformer`` (standard ``Block``)  ``vit.py``: supervised, MAE, MoCo v3, DINOv2 (+registers)
+``beit``    ``Beit``                                    ``beit.py``: BEiT v1/v2, shared or per-block position bias
+==========  =========================================  ==========================================================
+
+A new family (EVA, Swin, ...) gets its own ops file and a row in ``FAMILIES``; until then it is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vptool.errors import UserError
+
+
+class Family:
+    """The ops one backbone family needs; ``vit.VitOps`` and ``beit.BeitOps`` implement it.
+
+    Shapes: B images, T tokens, Np prefix prompts, D width, H heads, N patches.
+    """
+
+    name = ""
+    #: True when the family has a relative position bias (the prompted forward then expands it to every row)
+    relative_position = False
+
+    def embed(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, n_prefix + N, D) tokens entering block 1."""
+        raise NotImplementedError
+
+    def block(self, blk: nn.Module, x: torch.Tensor, prefix: torch.Tensor | None = None,
+              temperature: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """One block on (B, T, D) tokens -> (B, T, D); ``prefix`` (B or 1, Np, D) adds keys/values only,
+        ``temperature`` divides the logits, ``attn_bias`` (B or 1, H, T, Np + T) is added to them."""
+        raise NotImplementedError
+
+    def shared_position_bias(self, backbone: nn.Module) -> torch.Tensor | None:
+        """The relative position bias every block shares, (H, 1+N, 1+N), or None."""
+        return None
+
+    def block_position_bias(self, blk: nn.Module) -> torch.Tensor | None:
+        """The block's own relative position bias, (H, 1+N, 1+N), or None."""
+        return None
+
+    def has_block_position_bias(self, backbone: nn.Module) -> bool:
+        """Whether any block has its own relative position bias (fine-tuned BEiT checkpoints)."""
+        return False
+
+    def final_norm(self, backbone: nn.Module) -> nn.Module:
+        """The backbone's final norm (``norm``, or ``fc_norm`` where ``norm`` is an Identity)."""
+        return backbone.norm if not isinstance(backbone.norm, nn.Identity) else backbone.fc_norm
+
+
+def _families() -> list[tuple[type, Family, str]]:
+    from timm.models.beit import Beit
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vptool.prompting.families.beit import BeitOps, beit_problem
+    from vptool.prompting.families.vit import VitOps, vit_problem
+
+    return [(VisionTransformer, VitOps(), vit_problem), (Beit, BeitOps(), beit_problem)]
+
+
+#: timm model classes that are known and refused, with the reason (one line each).
+KNOWN_UNSUPPORTED = {
+    "Eva": "the EVA family (rotary position embedding, SwiGLU blocks) has no ops file in vptool.prompting.families "
+           "yet",
+    "SwinTransformer": "Swin is a windowed, hierarchical transformer without a global token sequence to prompt",
+    "SwinTransformerV2": "Swin is a windowed, hierarchical transformer without a global token sequence to prompt",
+}
+
+SUPPORTED_TEXT = ("vptool prompts timm VisionTransformer models with standard pre-norm blocks (e.g. "
+                  "vit_base_patch16_224, vit_small_patch14_reg4_dinov2) and timm BEiT models (e.g. "
+                  "beitv2_base_patch16_224)")
+
+
+def family_for(backbone: nn.Module, name: str | None = None) -> Family:
+    """The ops file for ``backbone``, chosen by its class (exactly: a subclass may change the forward).
+
+    Args:
+        backbone: a timm model.
+        name: the backbone's name for the error message (default: its class name).
+
+    Raises:
+        UserError: one line naming ``backbone.name``, why the model is not supported and what is.
+    """
+    label = name if name is not None else type(backbone).__name__
+    cls_name = type(backbone).__name__
+    for cls, ops, problem in _families():
+        if type(backbone) is cls:
+            why = problem(backbone)
+            if why:
+                raise UserError(f"backbone.name: {label!r} {why}; {SUPPORTED_TEXT}")
+            return ops
+    if cls_name in KNOWN_UNSUPPORTED:
+        raise UserError(f"backbone.name: {label!r} is not supported: {KNOWN_UNSUPPORTED[cls_name]}; {SUPPORTED_TEXT}")
+    raise UserError(f"backbone.name: {label!r} ({cls_name}) is not supported yet; {SUPPORTED_TEXT}")
