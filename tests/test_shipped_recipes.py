@@ -71,6 +71,13 @@ def test_paper_recipes_cover_the_issue_tables():
             assert [float(v) for v in grid["train.weight_decay"]] == [0.01, 0.001, 0.0001, 0]
             assert "lr_scaling=linear" in " ".join(sweep[0]) or yaml.safe_load(p.read_text())["train"].get(
                 "lr_scaling") == "linear"
+        # head init: the VPT/GateVPT code's where the numbers come from it, said in the header; SPT keeps timm's
+        body = yaml.safe_load(p.read_text())
+        init = body.get("head", {}).get("init", "trunc_normal")
+        assert init == ("official" if p.name.startswith(("vpt_", "gatevpt_")) else "trunc_normal"), p.name
+        if p.name.startswith(("vpt_", "gatevpt_", "spt_")):
+            assert f"head.init {init}" in " ".join(line.lstrip("#").strip() for line in head), p.name
+        assert "readout" in body and "auto" not in body["readout"].values(), p.name  # explicit, as headers say
 
 
 @pytest.mark.parametrize("path", DIGITS, ids=[p.name for p in DIGITS])

@@ -324,3 +324,30 @@ def test_spt_presets_follow_the_paper():
     assert (shallow.prompt.mode, shallow.prompt.length, shallow.prompt.init) == ("shallow", 100, "kmeans")
     for r in (deep, shallow):  # SPT §4.1: AdamW, batch 32, 100 epochs, 10 warm-up epochs, cosine
         assert (r.train.optimizer, r.data.batch_size, r.train.epochs, r.train.warmup_epochs) == ("adamw", 32, 100, 10)
+
+
+@pytest.mark.parametrize("form,transform,want", [("official", "auto", "train"), ("paper", "auto", "eval"),
+                                                  ("paper", "train", "train")])
+def test_init_images_go_through_the_training_augmentation_when_asked(tmp_path, form, transform, want):
+    """``prompt.init_transform: train`` (implied by ``init_form: official``, as the official SPT code draws its init
+    images through random resized crop + flip): the batch is the training split's augmented images, drawn with
+    torch's RNG seeded by the init seed; ``eval`` is the deterministic transform."""
+    raw = tiny_recipe(tmp_path, method="vpt-shallow",
+                      prompt={"length": 4 * 16, "init": "random", "init_form": form, "init_transform": transform},
+                      data={"batch_size": 4, "train_transform": "fgvc"})
+    recipe = resolve(raw)
+    name, tensor, meta = build_prompt_init(recipe, InitSpec.from_recipe(recipe))
+    assert meta["transform"] == want and name == "prompts.shallow"
+    from vptool.data import build_splits
+    from vptool.engine.setup import seed_everything
+
+    seed_everything(0)
+    bb, info = build_backbone(TINY_NAME, pretrained=False, kwargs=dict(TINY_KWARGS))
+    for augmented in (True, False):
+        train = build_splits(recipe.data, info.data_config, train_eval_transform=not augmented).train
+        torch.manual_seed(recipe.seed)  # the init seed
+        x = torch.stack([train[i][0] for i in meta["batch_images"]])
+        level0 = bb.patch_embed(x) if form == "official" else _hooked_levels(bb, x)[0]
+        ref = level0.reshape(-1, 32)
+        same = torch.allclose(tensor[torch.argsort(tensor[:, 0])], ref[torch.argsort(ref[:, 0])], atol=1e-5)
+        assert same == (augmented == (want == "train")), (augmented, want)
