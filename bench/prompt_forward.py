@@ -5,7 +5,7 @@ What it measures
 For each prompt length Np (default 50 and 200), each precision (fp32, and bf16 autocast) and each variant
 
 - ``deep-prefix``  ``PromptedViT(prompt_mode="deep", deep_form="prefix")``: the prompts of block i only add
-  keys/values to block i (``vptool.prompting.attention.block_forward(prefix=...)``),
+  keys/values to block i (``vptool.prompting.attention.prompted_attention(prefix=...)``),
 - ``deep-concat``  ``PromptedViT(prompt_mode="deep", deep_form="concat")``: the reference form, block i runs on
   ``[CLS, P_i, E]`` and the prompt rows are dropped afterwards,
 - ``shallow``      ``PromptedViT(prompt_mode="shallow")``: one prompt set carried through every block,

@@ -224,30 +224,19 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
 
 
 def check_supported(model: nn.Module, name: str) -> None:
-    """Refuse a backbone the prompted forward does not support.
+    """Refuse a backbone the prompted forward has no ops file for (``vptool.prompting.families.family_for``).
 
-    Supported: a timm ``VisionTransformer`` whose blocks are all the standard ``Block`` with ``Attention``, or a
-    timm ``Beit`` whose blocks are all ``timm.models.beit.Block`` with ``timm.models.beit.Attention`` (shared or
-    per-block relative position bias).
+    Supported: a timm ``VisionTransformer`` whose blocks are all the standard ``Block`` with ``Attention`` (CLS
+    and any register tokens as prefix tokens), or a timm ``Beit`` whose blocks are all ``timm.models.beit.Block``
+    with ``timm.models.beit.Attention`` (shared or per-block relative position bias). EVA, Swin and every other
+    class are refused.
 
     Raises:
-        UserError: ``model`` is neither of those, or uses attention pooling.
+        UserError: one line naming ``backbone.name``, why, and what is supported.
     """
-    from timm.layers import Attention
-    from timm.models import beit
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from vptool.prompting.families import family_for
 
-    if isinstance(model, beit.Beit):
-        ok = all(type(b) is beit.Block and type(b.attn) is beit.Attention for b in model.blocks)
-    else:
-        ok = isinstance(model, VisionTransformer) and all(
-            type(b) is Block and type(b.attn) is Attention for b in model.blocks)
-    if not ok:
-        raise UserError(f"backbone.name: {name!r} is not supported yet; vptool prompts timm VisionTransformer "
-                        "models with standard pre-norm blocks (e.g. vit_base_patch16_224) and timm BEiT models "
-                        "(e.g. beitv2_base_patch16_224)")
-    if getattr(model, "attn_pool", None) is not None:
-        raise UserError(f"backbone.name: {name!r} uses attention pooling (global_pool='map'), not supported")
+    family_for(model, name)
 
 
 def _kwargs_text(kwargs: dict) -> str:

@@ -177,11 +177,18 @@ def run_path(recipe: Recipe) -> Path:
 _RESUME_FREE = {"train.epochs", "train.feature_cache", "output.save_every_steps", "output.dir", "output.name"}
 
 
+#: keys whose ``auto`` is resolved into recipe.yaml when the run starts (``setup.resolve_auto``)
+_RESOLVED_AUTO = {"readout.pool", "readout.norm", "prompt.init_transform"}
+
+
 def recipe_changes(saved: Recipe, new: Recipe) -> list[tuple[str, object, object]]:
     """``[(key, saved value, new value)]`` for the keys that differ, except those a resume may change
-    (``train.epochs``, ``output.save_every_steps``, and ``output.dir``/``output.name``, which locate the run)."""
+    (``train.epochs``, ``output.save_every_steps``, and ``output.dir``/``output.name``, which locate the run).
+    ``auto`` in the new recipe matches the value it was resolved to in the saved one (the original YAML recipe
+    resumes its own run)."""
     a, b = flat_keys(saved.to_dict()), flat_keys(new.to_dict())
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in _RESUME_FREE and a.get(k) != b.get(k)]
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in _RESUME_FREE and a.get(k) != b.get(k) and not (k in _RESOLVED_AUTO and b.get(k) == "auto")]
 
 
 class Plan:
@@ -330,7 +337,7 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
 
     from vptool.engine import dist
     from vptool.engine.runstate import RunLock, StopSignals, recover_swap, swap_in
-    from vptool.engine.setup import resolve_device
+    from vptool.engine.runtime import resolve_device
 
     t_start = time.time()
     device = setup.device if setup is not None else dist.device_for(resolve_device(recipe.train.device))
