@@ -459,9 +459,6 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
             explicit format the file does not have, a checkpoint layout the named model cannot hold, weights
             not in the Hugging Face cache while offline, unsupported architecture.
     """
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-
     if format != "auto" and format not in CONVERTERS:
         raise UserError(f"backbone.format: unknown format {format!r}; choose auto or one of {', '.join(CONVERTERS)}")
     kwargs = dict(kwargs or {})
@@ -470,21 +467,7 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
     problems = backbone_kwargs_problems(kwargs)
     if problems:
         raise UserError(problems[0])
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    ckpt_key = "backbone.checkpoint"
-    timm_pretrained = False
-    if ckpt_path is None and pretrained:
-        if name in EMBEDDED:
-            ckpt_path, ckpt_key = EMBEDDED[name].path, "backbone.name"
-            if not ckpt_path.is_file():
-                raise UserError(f"backbone.name: embedded weights {ckpt_path} are missing; "
-                                "reinstall vptool or run python -m vptool.backbones.pretrain_digits_mae")
-        elif timm.is_model(name):
-            hub = _hub_source(name, kwargs)
-            if hub is None:
-                timm_pretrained = True
-            else:
-                ckpt_path, ckpt_key = _hub_file(name, *hub), "backbone.pretrained"
+    ckpt_path, ckpt_key, timm_pretrained = _weights_file(name, pretrained, checkpoint, kwargs)
     sd = fmt = None
     if ckpt_path is not None:
         sd = read_state_dict(ckpt_path, ckpt_key)
@@ -494,36 +477,123 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
                 raise UserError(f"backbone.name: {name!r} cannot hold the BEiT v2 pretraining checkpoint "
                                 f"{ckpt_path}; set backbone.name to a timm BEiT model, e.g. beitv2_base_patch16_224")
             kwargs = _format_kwargs(fmt, kwargs)
-    if name in EMBEDDED:
-        emb = EMBEDDED[name]
-        try:
-            model = VisionTransformer(**{**emb.arch, **kwargs})
-        except TypeError as exc:
-            raise UserError(f"backbone.kwargs: {exc}; fix the constructor kwargs for {name!r}") from None
-        except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
-            line = (str(exc).splitlines() or [type(exc).__name__])[0][:150]
-            raise UserError(f"backbone.kwargs: cannot build {name!r} with {_kwargs_text(kwargs)} ({line}); "
-                            "fix backbone.kwargs") from None
-        size = model.patch_embed.img_size
-        model.pretrained_cfg = dict(input_size=(3, *size), mean=emb.mean, std=emb.std, crop_pct=1.0,
-                                    interpolation="bilinear", num_classes=0)
-    else:
-        model = _create_timm(name, timm_pretrained, kwargs)
+    model = _construct(name, timm_pretrained, kwargs)
     check_supported(model, name)
     sha = None
     extras: dict[str, torch.Tensor] = {}
     if ckpt_path is not None:
-        timm_sd, extras, ignored = CONVERTERS[fmt](sd)
-        load_strict(model, timm_sd, str(ckpt_path), key=ckpt_key, name=name)
-        _check_rel_pos_index(model, sd, str(ckpt_path))
-        if ignored:
-            log.info("%s: %s checkpoint, ignored keys: %s", ckpt_path, fmt, ", ".join(ignored))
+        extras = _load_file(model, sd, fmt, ckpt_path, ckpt_key, name)
         sha = sha256_file(ckpt_path)
     model.requires_grad_(False)
     model.eval()
     norm_fmt = fmt if fmt is not None else (None if format == "auto" else format)
     cfg = _data_config(model, norm_fmt)
+    if sd is not None and format == "auto" and fmt == "timm":
+        _warn_mae_encoder(name, sd, ckpt_path, cfg)
     info = BackboneInfo(name=name, checkpoint=str(ckpt_path) if ckpt_path else None, checkpoint_sha256=sha,
                         data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                         format=fmt, extras=extras)
     return model, info
+
+
+def _weights_file(name: str, pretrained: bool, checkpoint: str | None,
+                  kwargs: dict) -> tuple[Path | None, str, bool]:
+    """Which weights to load: ``(file or None, the recipe key that named it, use timm's own pretrained loader)``.
+
+    ``checkpoint`` wins; else with ``pretrained`` the embedded weights of an embedded name, or a timm model's
+    Hugging Face file (``_hub_source``/``_hub_file``), or timm's own loader when the model has no hub file.
+
+    Raises:
+        UserError: the embedded weights are missing, or the hub file is not cached while offline.
+    """
+    import timm
+
+    if checkpoint is not None:
+        return Path(checkpoint), "backbone.checkpoint", False
+    if not pretrained:
+        return None, "backbone.checkpoint", False
+    if name in EMBEDDED:
+        path = EMBEDDED[name].path
+        if not path.is_file():
+            raise UserError(f"backbone.name: embedded weights {path} are missing; "
+                            "reinstall vptool or run python -m vptool.backbones.pretrain_digits_mae")
+        return path, "backbone.name", False
+    if timm.is_model(name):
+        hub = _hub_source(name, kwargs)
+        if hub is None:
+            return None, "backbone.checkpoint", True
+        return _hub_file(name, *hub), "backbone.pretrained", False
+    return None, "backbone.checkpoint", False  # an unknown name: _create_timm names it
+
+
+def _construct(name: str, timm_pretrained: bool, kwargs: dict) -> nn.Module:
+    """The model for an embedded name (a timm ``VisionTransformer`` with its own data config) or a timm name.
+
+    Raises:
+        UserError: bad constructor kwargs, or an unknown timm name.
+    """
+    if name not in EMBEDDED:
+        return _create_timm(name, timm_pretrained, kwargs)
+    from timm.models.vision_transformer import VisionTransformer
+
+    emb = EMBEDDED[name]
+    try:
+        model = VisionTransformer(**{**emb.arch, **kwargs})
+    except TypeError as exc:
+        raise UserError(f"backbone.kwargs: {exc}; fix the constructor kwargs for {name!r}") from None
+    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
+        line = (str(exc).splitlines() or [type(exc).__name__])[0][:150]
+        raise UserError(f"backbone.kwargs: cannot build {name!r} with {_kwargs_text(kwargs)} ({line}); "
+                        "fix backbone.kwargs") from None
+    size = model.patch_embed.img_size
+    model.pretrained_cfg = dict(input_size=(3, *size), mean=emb.mean, std=emb.std, crop_pct=1.0,
+                                interpolation="bilinear", num_classes=0)
+    return model
+
+
+def _load_file(model: nn.Module, sd: dict[str, torch.Tensor], fmt: str, path: Path, key: str,
+               name: str) -> dict[str, torch.Tensor]:
+    """Convert ``sd`` from ``fmt`` and load it strictly into ``model``; returns the converter's extras.
+
+    Raises:
+        UserError: a key or shape mismatch (``load_strict``), or a BEiT position index that differs.
+    """
+    timm_sd, extras, ignored = CONVERTERS[fmt](sd)
+    load_strict(model, timm_sd, str(path), key=key, name=name)
+    _check_rel_pos_index(model, sd, str(path))
+    if ignored:
+        log.info("%s: %s checkpoint, ignored keys: %s", path, fmt, ", ".join(ignored))
+    return extras
+
+
+#: the keys of MAE's encoder-only release (``mae_pretrain_vit_base.pth``) beyond the blocks: CHECKPOINTS.md
+MAE_ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                    "norm.bias")
+
+
+def looks_like_mae_encoder(sd: dict[str, torch.Tensor]) -> bool:
+    """The keys are exactly MAE's encoder-only release: the common ViT layout with ``norm.*`` and nothing else
+    (no ``head.*``, no ``fc_norm.*``, no decoder, no ``mask_token``), as ``mae_pretrain_vit_base.pth``."""
+    if not all(k in sd for k in MAE_ENCODER_KEYS):
+        return False
+    return all(k in MAE_ENCODER_KEYS or k.startswith("blocks.") for k in sd)
+
+
+def _warn_mae_encoder(name: str, sd: dict[str, torch.Tensor], path: Path, cfg: dict) -> None:
+    """One warning when a file with MAE's encoder keys loads under an untagged timm name with a normalisation
+    other than ImageNet's (MAE was pretrained with ImageNet mean/std)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if name in EMBEDDED or "." in name or not looks_like_mae_encoder(sd):
+        return
+    mean, std = tuple(cfg.get("mean", ())), tuple(cfg.get("std", ()))
+    if (mean, std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)):
+        return
+    log.warning("backbone.checkpoint: %s has the keys of MAE's encoder release (mae_pretrain_vit_base.pth: no "
+                "head, no fc_norm) and loads as a timm file with mean %s / std %s, but MAE was pretrained with "
+                "ImageNet's mean/std; if it is MAE, set backbone.format: mae (or name it %s.mae), which also "
+                "gives it the MAE readout", path, _short(mean), _short(std), name)
+
+
+def _short(values) -> str:
+    return "/".join(f"{v:g}" for v in values)
