@@ -459,24 +459,11 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
             explicit format the file does not have, a checkpoint layout the named model cannot hold, weights
             not in the Hugging Face cache while offline, unsupported architecture.
     """
-    if format != "auto" and format not in CONVERTERS:
-        raise UserError(f"backbone.format: unknown format {format!r}; choose auto or one of {', '.join(CONVERTERS)}")
-    kwargs = dict(kwargs or {})
-    from vptool.recipe import backbone_kwargs_problems
-
-    problems = backbone_kwargs_problems(kwargs)
-    if problems:
-        raise UserError(problems[0])
+    kwargs = _checked_request(format, kwargs)
     ckpt_path, ckpt_key, timm_pretrained = _weights_file(name, pretrained, checkpoint, kwargs)
     sd = fmt = None
     if ckpt_path is not None:
-        sd = read_state_dict(ckpt_path, ckpt_key)
-        fmt = _choose_format(sd, format, ckpt_path, ckpt_key)
-        if fmt == "beitv2-pretrain":
-            if _is_other_model(name):  # an unknown name falls through to _create_timm's did-you-mean
-                raise UserError(f"backbone.name: {name!r} cannot hold the BEiT v2 pretraining checkpoint "
-                                f"{ckpt_path}; set backbone.name to a timm BEiT model, e.g. beitv2_base_patch16_224")
-            kwargs = _format_kwargs(fmt, kwargs)
+        sd, fmt, kwargs = _read_file(name, ckpt_path, ckpt_key, format, kwargs)
     model = _construct(name, timm_pretrained, kwargs)
     check_supported(model, name)
     sha = None
@@ -489,11 +476,28 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
     norm_fmt = fmt if fmt is not None else (None if format == "auto" else format)
     cfg = _data_config(model, norm_fmt)
     if sd is not None and format == "auto" and fmt == "timm":
-        _warn_mae_encoder(name, sd, ckpt_path, cfg)
+        _warn_mae_encoder(name, sd, ckpt_path, ckpt_key, cfg)
     info = BackboneInfo(name=name, checkpoint=str(ckpt_path) if ckpt_path else None, checkpoint_sha256=sha,
                         data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                         format=fmt, extras=extras)
     return model, info
+
+
+def _checked_request(format: str, kwargs: dict | None) -> dict:
+    """A copy of ``kwargs`` once ``format`` is known and the kwargs pass ``recipe.backbone_kwargs_problems``.
+
+    Raises:
+        UserError: an unknown ``backbone.format``, or the first problem with ``backbone.kwargs``.
+    """
+    if format != "auto" and format not in CONVERTERS:
+        raise UserError(f"backbone.format: unknown format {format!r}; choose auto or one of {', '.join(CONVERTERS)}")
+    kwargs = dict(kwargs or {})
+    from vptool.recipe import backbone_kwargs_problems
+
+    problems = backbone_kwargs_problems(kwargs)
+    if problems:
+        raise UserError(problems[0])
+    return kwargs
 
 
 def _weights_file(name: str, pretrained: bool, checkpoint: str | None,
@@ -524,6 +528,27 @@ def _weights_file(name: str, pretrained: bool, checkpoint: str | None,
             return None, "backbone.checkpoint", True
         return _hub_file(name, *hub), "backbone.pretrained", False
     return None, "backbone.checkpoint", False  # an unknown name: _create_timm names it
+
+
+def _read_file(name: str, path: Path, key: str, format: str,
+               kwargs: dict) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """Read the weights file and choose its layout: ``(raw state dict, format, constructor kwargs)``.
+
+    The kwargs are ``kwargs`` itself, or for ``beitv2-pretrain`` the layout's kwargs merged over them
+    (``_format_kwargs``).
+
+    Raises:
+        UserError: an unreadable file (``read_state_dict``), an explicit format the file does not have, or a BEiT v2
+            pretraining file under a name that is not a timm BEiT model.
+    """
+    sd = read_state_dict(path, key)
+    fmt = _choose_format(sd, format, path, key)
+    if fmt == "beitv2-pretrain":
+        if _is_other_model(name):  # an unknown name falls through to _create_timm's did-you-mean
+            raise UserError(f"backbone.name: {name!r} cannot hold the BEiT v2 pretraining checkpoint "
+                            f"{path}; set backbone.name to a timm BEiT model, e.g. beitv2_base_patch16_224")
+        kwargs = _format_kwargs(fmt, kwargs)
+    return sd, fmt, kwargs
 
 
 def _construct(name: str, timm_pretrained: bool, kwargs: dict) -> nn.Module:
@@ -579,9 +604,9 @@ def looks_like_mae_encoder(sd: dict[str, torch.Tensor]) -> bool:
     return all(k in MAE_ENCODER_KEYS or k.startswith("blocks.") for k in sd)
 
 
-def _warn_mae_encoder(name: str, sd: dict[str, torch.Tensor], path: Path, cfg: dict) -> None:
+def _warn_mae_encoder(name: str, sd: dict[str, torch.Tensor], path: Path, key: str, cfg: dict) -> None:
     """One warning when a file with MAE's encoder keys loads under an untagged timm name with a normalisation
-    other than ImageNet's (MAE was pretrained with ImageNet mean/std)."""
+    other than ImageNet's (MAE was pretrained with ImageNet mean/std); ``key`` is the recipe key that named it."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     if name in EMBEDDED or "." in name or not looks_like_mae_encoder(sd):
@@ -589,10 +614,10 @@ def _warn_mae_encoder(name: str, sd: dict[str, torch.Tensor], path: Path, cfg: d
     mean, std = tuple(cfg.get("mean", ())), tuple(cfg.get("std", ()))
     if (mean, std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)):
         return
-    log.warning("backbone.checkpoint: %s has the keys of MAE's encoder release (mae_pretrain_vit_base.pth: no "
-                "head, no fc_norm) and loads as a timm file with mean %s / std %s, but MAE was pretrained with "
-                "ImageNet's mean/std; if it is MAE, set backbone.format: mae (or name it %s.mae), which also "
-                "gives it the MAE readout", path, _short(mean), _short(std), name)
+    log.warning("%s: %s has the keys of MAE's encoder release (mae_pretrain_vit_base.pth: no head, no fc_norm) "
+                "and loads as a timm file with mean %s / std %s, but MAE was pretrained with ImageNet's mean/std; "
+                "if it is MAE, set backbone.format: mae (or name it %s.mae), which also gives it the MAE readout "
+                "under readout auto", key, path, _short(mean), _short(std), name)
 
 
 def _short(values) -> str:

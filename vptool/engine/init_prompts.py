@@ -3,15 +3,16 @@
 One pass over the data: the frozen backbone runs *without* prompts on the training split, through the
 deterministic eval transform (``prompt.init_transform: eval``, the default for ``init_form: paper``) or the
 training augmentation (``train``, the default for ``init_form: official``: the official SPT code draws its init
-images through random resized crop + flip; seeded by the init seed), and the patch tokens of every needed level feed the strategy as they are produced (level 0 =
-``PatchEmbed(x) + E_pos``, level t = output of block t; ``vptool.prompting.spt``). ``kmeans`` streams every token
+images through random resized crop + flip; seeded by the init seed), and the patch tokens of every needed level
+feed the strategy as they are produced (level 0 = ``PatchEmbed(x) + E_pos``, level t = output of block t;
+``vptool.prompting.spt``). ``kmeans`` streams every token
 of a seeded ``fraction`` of the split into ``StreamingKMeans`` (``vptool.prompting.kmeans``), which never holds the
 tokens; ``mean-pool``, ``max-pool`` and ``random`` use one seeded batch of ``data.batch_size`` images.
 
 Output file (safetensors, DESIGN.md §4): ``prompts.shallow`` (Np, D) for shallow/gated prompts or ``prompts.deep``
-(L, Np, D), with metadata (every value JSON-encoded): strategy, fraction, seed, source, form, transform, images, tokens per
-set, inertia per set (kmeans), seconds, backbone identity (name, checkpoint, sha256, width, depth) and dataset
-identity (dataset, root, split seed, classes, training images).
+(L, Np, D), with metadata (every value JSON-encoded): strategy, fraction, seed, source, form, transform, images,
+tokens per set, inertia per set (kmeans), seconds, backbone identity (name, checkpoint, sha256, width, depth) and
+dataset identity (dataset, root, split seed, classes, training images).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What every engine command needs before it builds anything: the device, the autocast dtype and the seeds.
 
-Only ``vptool.errors`` and the torch-free ``vptool.hardware`` are imported here, so ``init_prompts``, ``setup``, ``evaluate``, ``train`` and ``inference`` can all
-use these helpers without importing each other.
+Only ``vptool.errors`` and the torch-free ``vptool.hardware`` are imported here, so ``init_prompts``, ``setup``,
+``evaluate``, ``train`` and ``inference`` can all use these helpers without importing each other.
 """
 
 from __future__ import annotations

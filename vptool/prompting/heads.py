@@ -29,7 +29,6 @@ import math
 import torch
 from torch import nn
 
-
 #: the official VPT/GateVPT head's logit prior: every class starts at probability ~0.01 under a sigmoid
 OFFICIAL_PRIOR = 0.01
 

@@ -445,10 +445,10 @@ class PromptedViT(nn.Module):
             (B, T, D), rows in ``self.output_order`` (``self.slices`` gives each letter's rows): prefix tokens,
             patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row.
         """
-        h = None
+        out = None
         for _, h, _, _ in self._blocks(x):
-            pass
-        return h
+            out = h
+        return out
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
