@@ -422,15 +422,14 @@ def _fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, t_
     fit.restore(ckpt)
     fit.write_metrics()  # a fresh run starts empty; a resumed one drops lines a killed attempt wrote past last.pt
     fit.build_cache(cleanup)
-    for epoch in range(fit.start_epoch, fit.epochs + 1):
-        fit.epoch(epoch)
+    fit.train_epochs()
     return fit.finish(t_start)
 
 
 class _Fit:
     """The state of one ``_fit``: model, data, optimizer and schedule, the feature cache, and what the loop
-    carries from step to step (``records``, ``best``, ``best_state``, ``running``), in the order ``_fit`` calls
-    them: ``restore``, ``build_cache``, ``epoch`` for each epoch, ``finish``."""
+    carries from step to step (``records``, ``best``, ``best_state``, ``running``, ``lr``), in the order ``_fit``
+    calls them: ``restore``, ``build_cache``, ``train_epochs`` (``epoch`` for each epoch), ``finish``."""
 
     def __init__(self, recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Observer, stop,
                  resume_command: str, job):
@@ -461,8 +460,13 @@ class _Fit:
         self.optimizer = make_optimizer(recipe, self.params)
         self.steps = math.ceil(self.N / self.B)
         self.epochs = t.epochs
-        self.total_steps, self.warmup_steps = self.epochs * self.steps, t.warmup_epochs * self.steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.factor)
+        total_steps, warmup_steps = self.epochs * self.steps, t.warmup_epochs * self.steps
+
+        def factor(s: int) -> float:  # a plain function: LambdaLR.state_dict() saves a callable object's __dict__
+            return lr_factor(s, total_steps, warmup_steps)
+
+        self.factor = factor
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.cached, why_not = features.decide(recipe, model)  # nothing before the head trains: features once
         if why_not:
             obs.note(why_not)
@@ -477,10 +481,8 @@ class _Fit:
         self.best_state = None
         self.running = {"loss_sum": 0.0, "correct": 0, "seen": 0, "lr": None}
         self.start_epoch, self.start_step = 1, 0
+        self.lr: float | None = None  # the last step's lr, carried from epoch to epoch (train_epochs)
         self.cache = None
-
-    def factor(self, s: int) -> float:
-        return lr_factor(s, self.total_steps, self.warmup_steps)
 
     def _forwards(self, compile_: bool) -> None:
         """``trained`` (what each step runs: the head on cached features, or the whole model), ``evaluator``
@@ -692,6 +694,13 @@ class _Fit:
                              recipe, run)
         return loss_sum, correct, seen, signum, lr
 
+    def train_epochs(self) -> None:
+        """Epochs ``start_epoch`` .. ``epochs``; ``lr`` starts as the checkpoint's last lr or the optimizer's."""
+        running = self.running
+        self.lr = running["lr"] if running["lr"] is not None else self.optimizer.param_groups[0]["lr"]
+        for epoch in range(self.start_epoch, self.epochs + 1):
+            self.epoch(epoch)
+
     def epoch(self, epoch: int) -> None:
         """One epoch (from the checkpoint's step when resuming mid-epoch), its validation, metrics, best adapter
         and checkpoint."""
@@ -707,10 +716,10 @@ class _Fit:
         self.trained.train()
         self.obs.epoch_start(epoch, self.epochs, steps)
         every = self.recipe.output.save_every_steps
-        lr = running["lr"] if running["lr"] is not None else self.optimizer.param_groups[0]["lr"]
         step = skip
         for x, y, w in self.batches():
             loss_sum, correct, seen, signum, lr = self._step(x, y, w, epoch, step)
+            self.lr = lr
             step += 1
             running["loss_sum"] += loss_sum
             running["correct"] += int(round(correct))
@@ -721,6 +730,7 @@ class _Fit:
             if self.stop.signum if W == 1 else signum:  # several ranks: the flag all-reduced with the metrics
                 self.checkpoint(epoch - 1, step)
                 raise self.stopped(f"at epoch {epoch}, step {step}/{steps}")
+            # the scheduler's last_epoch counts the optimizer steps of the whole run (restored on resume)
             if every and self.scheduler.last_epoch % every == 0 and step < steps:
                 self.checkpoint(epoch - 1, step)
 
@@ -730,7 +740,7 @@ class _Fit:
             self.checkpoint(epoch - 1, steps)
             raise self.stopped(f"during validation of epoch {epoch}") from None
         val_acc = topk_accuracy(val_logits, val_labels, 1)
-        lr = running["lr"] if running["lr"] is not None else lr
+        lr = self.lr = running["lr"] if running["lr"] is not None else self.lr
         seen = max(running["seen"], 1)
         record = {"epoch": epoch, "lr": lr, "train_loss": running["loss_sum"] / seen,
                   "train_acc": 100.0 * running["correct"] / seen, "val_acc": val_acc,
