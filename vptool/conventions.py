@@ -83,6 +83,10 @@ def readout_defaults(convention: str, pretraining: str, has_class_token: bool = 
 
 def resolve_readout(pool: str, norm: str, convention: str, pretraining: str,
                     has_class_token: bool = True) -> tuple[str, str]:
-    """``(pool, norm)`` with each ``auto`` replaced by ``readout_defaults``; explicit values are kept."""
+    """``(pool, norm)`` with each ``auto`` replaced by ``readout_defaults``; explicit values are kept.
+
+    Raises:
+        ValueError: an unknown convention or pretraining (``readout_defaults``).
+    """
     want_pool, want_norm = readout_defaults(convention, pretraining, has_class_token)
     return (want_pool if pool == "auto" else pool), (want_norm if norm == "auto" else norm)

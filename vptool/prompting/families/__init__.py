@@ -25,6 +25,9 @@ A new family (EVA, Swin, ...) gets its own ops file and a row in ``FAMILIES``; u
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -38,8 +41,6 @@ class Family:
     """
 
     name = ""
-    #: True when the family has a relative position bias (the prompted forward then expands it to every row)
-    relative_position = False
 
     def embed(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, n_prefix + N, D) tokens entering block 1."""
@@ -68,14 +69,16 @@ class Family:
         return backbone.norm if not isinstance(backbone.norm, nn.Identity) else backbone.fc_norm
 
 
-def _families() -> list[tuple[type, Family, str]]:
+@functools.cache
+def _families() -> tuple[tuple[type, Family, Callable[[nn.Module], str | None]], ...]:
+    """(timm class, its ops, the check that says why a model of that class cannot be prompted), one per family."""
     from timm.models.beit import Beit
     from timm.models.vision_transformer import VisionTransformer
 
     from vptool.prompting.families.beit import BeitOps, beit_problem
     from vptool.prompting.families.vit import VitOps, vit_problem
 
-    return [(VisionTransformer, VitOps(), vit_problem), (Beit, BeitOps(), beit_problem)]
+    return ((VisionTransformer, VitOps(), vit_problem), (Beit, BeitOps(), beit_problem))
 
 
 #: timm model classes that are known and refused, with the reason (one line each).

@@ -30,7 +30,6 @@ class BeitOps(Family):
     """Embedding, block forward and relative position biases of timm ``Beit`` (see the module doc)."""
 
     name = "beit"
-    relative_position = True
 
     def embed(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = backbone.patch_embed(x)
