@@ -134,6 +134,7 @@ class Case:
     check: Callable[[Ctx, Outcome], None] | None = None
     how: str = "inproc"  # inproc: invoke_cli; process: run_cli (fresh interpreter); fsize: process, RLIMIT_FSIZE
     stdin: str | None = None
+    slow: bool = False  # a row whose setup exports a whole graph
 
     @property
     def ok(self) -> bool:
@@ -389,6 +390,48 @@ def predict_not_image(ctx: Ctx) -> list[str]:
     return ["predict", ctx.run(), ctx.text("notes.png", "just text\n")]
 
 
+class RunsCode:
+    """Unpickling this runs ``os.system`` (it would create the file ``marker``); torch's tensor-only loader must
+    refuse it, and vptool must name the global without suggesting ``weights_only=False``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def code_checkpoint(legacy: bool) -> Callable[[Ctx], list[str]]:
+    """``backbone.checkpoint`` = a .pth whose pickle calls ``os.system`` (torch's zip format, or a plain pickle)."""
+
+    def setup(ctx: Ctx) -> list[str]:
+        import pickle
+
+        path = ctx.tmp / "ckpt.pth"
+        payload = {"w": torch.zeros(2), "x": RunsCode(ctx.tmp / "pwned")}
+        if legacy:
+            path.write_bytes(pickle.dumps(payload, protocol=2))
+        else:
+            torch.save(payload, path)
+        return ["train", ctx.recipe(backbone={"checkpoint": str(path)})]
+
+    return setup
+
+
+def resume_code_checkpoint(ctx: Ctx) -> list[str]:
+    run = Path(ctx.run(finished=False))
+    torch.save({"format": 1, "adapter": RunsCode(ctx.tmp / "pwned")}, run / "checkpoints" / "last.pt")
+    return ["train", str(run), "--resume"]
+
+
+def predict_onnx_over_itself(ctx: Ctx) -> list[str]:
+    """The issue's case: ``vptool predict M.onnx img.png -o M.onnx --overwrite`` on a real export."""
+    model = ctx.tmp / "M.onnx"
+    res = invoke_cli("export", ctx.run(), "--format", "onnx", "-o", str(model))
+    assert res.exit_code == 0, res.output
+    return ["predict", str(model), ctx.image("img.png"), "-o", str(model), "--overwrite"]
+
+
 def recipe_folder(ctx: Ctx) -> list[str]:
     (ctx.tmp / "folder").mkdir()
     return ["train", ctx.p("folder")]
@@ -496,6 +539,22 @@ CASES = [
     Case("ckpt-custom-class", checkpoint_file({"w": Payload()}),
          ("backbone.checkpoint", "asks to run code or load a non-tensor object", "Payload"),
          absent=("weights_only=False",)),
+    Case("ckpt-pickle-runs-code", code_checkpoint(legacy=False),
+         ("backbone.checkpoint", "{tmp}/ckpt.pth", "posix.system", "holds code as well as tensors"),
+         absent=("weights_only=False", "weights_only` set to `False")),
+    Case("ckpt-legacy-pickle-runs-code", code_checkpoint(legacy=True),
+         ("backbone.checkpoint", "{tmp}/ckpt.pth", "posix.system", "holds code as well as tensors"),
+         absent=("weights_only=False", "weights_only` set to `False")),
+    Case("train-resume-checkpoint-runs-code", resume_code_checkpoint,
+         ("{tmp}/run/checkpoints/last.pt", "posix.system", "holds code as well as tensors"),
+         absent=("weights_only=False", "weights_only` set to `False")),
+    # ---- an output is never one of the command's inputs, --overwrite or not (the three found by hand)
+    Case("export-adapter-over-its-own-run", on_run("export", "--format", "adapter", "-o", "{tmp}/run", "--overwrite"),
+         ("-o", "{tmp}/run is the run directory {tmp}/run")),
+    Case("predict-onnx-rows-over-the-model", predict_onnx_over_itself,
+         ("-o", "{tmp}/M.onnx is the model file {tmp}/M.onnx"), slow=True),
+    Case("sweep-grid-value-not-a-number", lambda ctx: ["sweep", ctx.recipe(), "--grid", "train.lr=abc,0.1"],
+         ("--grid train.lr=abc", "train.lr", "abc")),
     # ---- data read at training time: the run dir then exists, unfinished
     Case("imagefolder-corrupt-image", imagefolder_with_corrupt_image, ("{tmp}/images/train/a/broken.png",),
          allow_new=("runs", "runs/*"), check=check_run_unfinished),
@@ -623,18 +682,22 @@ def test_battery_has_enough_rows():
     assert len(ids) >= 60 and len(set(ids)) == len(ids)
 
 
-def _lane(c):
-    """Rows that start a fresh interpreter (a lock held by another process, a file-size limit) run in the slow lane."""
-    if hasattr(c, "values") or c.how == "inproc":
-        return c
-    return pytest.param(c, id=c.id, marks=pytest.mark.slow)
+def _lane(c, debug: bool = False):
+    """Rows that start a fresh interpreter (a lock held by another process, a file-size limit) or export a graph run
+    in the slow lane. ``debug``: the row again with ``--debug`` (same exit code and line, plus the traceback)."""
+    case = c.values[0] if hasattr(c, "values") else c
+    marks = list(c.marks) if hasattr(c, "marks") else []
+    if case.how != "inproc" or case.slow:
+        marks.append(pytest.mark.slow)
+    return pytest.param(case, debug, id=case.id + ("-debug" if debug else ""), marks=marks)
 
 
-@pytest.mark.parametrize("case", [_lane(c) for c in CASES], ids=lambda c: c.id)
-def test_bad_input(case: Case, tmp_path: Path, finished_run: Path):
+@pytest.mark.parametrize("case,debug", [_lane(c) for c in CASES] + [
+    _lane(c, debug=True) for c in CASES if not (c.values[0] if hasattr(c, "values") else c).ok])
+def test_bad_input(case: Case, debug: bool, tmp_path: Path, finished_run: Path):
     ctx = Ctx(tmp_path, finished_run)
     try:
-        args = case.setup(ctx)
+        args = case.setup(ctx) + (["--debug"] if debug else [])
         before = snapshot(tmp_path)
         out = _run(case, ctx, args)
     finally:
@@ -642,7 +705,8 @@ def test_bad_input(case: Case, tmp_path: Path, finished_run: Path):
             fn()
     report = f"vptool {' '.join(args)} -> {out.code}\nstdout: {out.stdout[-2000:]}\nstderr: {out.stderr[-2000:]}"
     assert out.code == case.code, report
-    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, report
+    if not debug:  # --debug adds the traceback, and keeps the exit code and the error line
+        assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, report
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == (0 if case.ok else 1), report
     if not case.ok:

@@ -232,12 +232,12 @@ def test_two_workers_train_each_point_exactly_once(tmp_path):
 
 @pytest.mark.slow
 def test_stop_kill_resume_fail_and_rerun(tmp_path):
-    """One grid point fails (train.lr=-1), one finishes; the third is stopped by SIGTERM (exit 143), then its
-    worker is SIGKILLed mid-run; restarts resume it without retraining the finished one or retrying the failure;
-    a rerun runs nothing; another grid on the same study is refused."""
+    """One grid point fails (train.lr=1e38: a non-finite loss), one finishes; the third is stopped by SIGTERM (exit
+    143), then its worker is SIGKILLed mid-run; restarts resume it without retraining the finished one or retrying
+    the failure; a rerun runs nothing; another grid on the same study is refused."""
     # 4 epochs of 158 steps: the signals below land with two epochs (>1 s) to spare
     write_recipe(tmp_path, tiny_recipe(tmp_path, data={"batch_size": 8}, train={"epochs": 4, "warmup_epochs": 1}))
-    args = ("tiny.yaml", "--grid", "train.lr=0.5,-1,0.25")
+    args = ("tiny.yaml", "--grid", "train.lr=0.5,1e38,0.25")
     sweep = tmp_path / "runs" / "tiny-sweep"
     trained = {"000-lr0.5", "002-lr0.25"}
 
@@ -276,19 +276,19 @@ def test_stop_kill_resume_fail_and_rerun(tmp_path):
     victim_log = (sweep / "logs" / f"{victim}.log").read_text()
     assert len(attempts(sweep / "logs" / f"{victim}.log")) == 3 and victim_log.count("note: resuming") == 2
     assert metric_epochs(sweep / victim) == [1, 2, 3, 4]  # continued, not restarted: each epoch once
-    failed_log = sweep / "logs" / "001-lr-1.log"
-    assert len(attempts(failed_log)) == 1 and not (sweep / "001-lr-1").exists()
+    failed_log = sweep / "logs" / "001-lr1e38.log"
+    assert len(attempts(failed_log)) == 1 and not (sweep / "001-lr1e38" / "summary.json").exists()
 
     study = load_study(sweep, "tiny")
     assert complete_params(study) == [(("train.lr", "0.25"),), (("train.lr", "0.5"),)]
     fails = [t for t in study.trials if t.state.name == "FAIL" and "error" in t.user_attrs]
-    assert len(fails) == 1 and fails[0].params == {"train.lr": "-1"}
-    assert "train.lr" in fails[0].user_attrs["error"] and "must be > 0" in fails[0].user_attrs["error"]
+    assert len(fails) == 1 and fails[0].params == {"train.lr": "1e38"}
+    assert "train.lr" in fails[0].user_attrs["error"] and "non-finite" in fails[0].user_attrs["error"]
     last_error = [ln for ln in failed_log.read_text().splitlines() if ln.startswith("error:")][-1]
     assert fails[0].user_attrs["error"] == last_error[len("error:"):].strip()
     report = json.loads((sweep / "sweep.json").read_text())
     by_name = {r["trial"]: r for r in report["rows"]}
-    assert by_name["001-lr-1"]["state"] == "FAIL" and by_name["001-lr-1"]["error"] == fails[0].user_attrs["error"]
+    assert by_name["001-lr1e38"]["state"] == "FAIL" and by_name["001-lr1e38"]["error"] == fails[0].user_attrs["error"]
     summaries = {n: json.loads((sweep / n / "summary.json").read_text()) for n in trained}
     names = ["000-lr0.5", "002-lr0.25"]
     best = max(names, key=lambda n: (summaries[n]["val_acc"], -names.index(n)))
@@ -308,3 +308,43 @@ def test_stop_kill_resume_fail_and_rerun(tmp_path):
     proc = start(tmp_path, "tiny.yaml", "--grid", "train.lr=0.5,0.1", tag="run5")
     rc, out, err = finish(tmp_path, proc, "run5")
     assert rc == 2 and len(err.splitlines()) == 1 and "--study" in err and "another grid" in err, err
+
+
+BAD_VALUES = [
+    (["--grid", "train.lr=abc,0.1"], ["--grid train.lr=abc", "train.lr"]),
+    (["--grid", "train.lr=-1,0.1", "--grid", "train.epochs=x"], ["--grid train.lr=-1", "--grid train.epochs=x"]),
+    (["--set", "train.epochs=10", "--grid", "train.epochs=2,10", "--grid", "train.warmup_epochs=0,3"],
+     ["--grid point 001-epochs2-warmup_epochs3", "train.warmup_epochs"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", BAD_VALUES, ids=["abc", "two-keys", "point"])
+def test_grid_values_are_checked_before_anything_is_written(recipe_dir, args, needles):
+    """Every bad value is named at once (one line each), exit 2, and nothing exists afterwards: no sweep folder,
+    no study file."""
+    before = snapshot(recipe_dir)
+    res = invoke_cli("sweep", "tiny.yaml", *args, cwd=recipe_dir)
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    lines = res.stderr.splitlines()
+    assert lines and all(ln.startswith("error: --grid ") for ln in lines), res.stderr
+    for n in needles:
+        assert any(n in ln for ln in lines), (n, res.stderr)
+    assert len(lines) == sum(1 for n in needles if n.startswith("--grid")), res.stderr  # one line per bad value
+    assert res.stdout == "" and snapshot(recipe_dir) == before
+
+
+@pytest.mark.slow
+def test_exit_status_counts_failed_trials(tmp_path):
+    """0 when every point has a result and one completed (--json counts the FAIL); 1 when every trial failed, with
+    the same --json object."""
+    write_recipe(tmp_path, tiny_recipe(tmp_path, train={"epochs": 1, "warmup_epochs": 0}))
+    res = invoke_cli("sweep", "tiny.yaml", "--grid", "train.lr=0.5,1e38", "--json", cwd=tmp_path)
+    assert res.exit_code == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["counts"]["COMPLETE"] == 1 and out["counts"]["FAIL"] == 1 and out["trial"] == "000-lr0.5"
+    res = invoke_cli("sweep", "tiny.yaml", "--grid", "train.lr=1e38,1e37", "--set", "output.name=nan", "--json",
+                     cwd=tmp_path)
+    assert res.exit_code == 1, res.stderr
+    out = json.loads(res.stdout)
+    assert out["counts"]["COMPLETE"] == 0 and out["counts"]["FAIL"] == 2 and out["trial"] is None
+    assert "every trial failed" in res.stderr.strip().splitlines()[-1]

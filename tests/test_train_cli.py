@@ -188,12 +188,20 @@ def test_corrupt_image_names_the_file(tmp_path, workers):
     assert res.exit_code == 2, res.output
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and str(bad) in errors[0], res.stderr
-    # the failed run stays, unfinished, and a plain rerun names the ways out instead of silently being blocked
+    # the failed start finished nothing: the same command, rerun, is not blocked by it (it meets the image again)
     run = tmp_path / "runs" / "tiny"
     assert (run / "recipe.yaml").is_file() and not (run / "summary.json").exists()
+    assert not (run / "checkpoints" / "last.pt").exists()
     again = invoke_cli("train", str(path))
-    assert again.exit_code == 2 and again.stderr.count("\n") == 1, again.stderr
-    assert "has not finished" in again.stderr and "--resume" in again.stderr and "--overwrite" in again.stderr
+    errors = [ln for ln in again.stderr.splitlines() if ln.startswith("error:")]
+    assert again.exit_code == 2 and len(errors) == 1 and str(bad) in errors[0], again.stderr
+    # the user replaces the image: the same command, no flag, trains to the end
+    Image.fromarray((images[0] * 255).astype(np.uint8)).convert("RGB").save(bad, format="PNG")
+    fixed = invoke_cli("train", str(path), "--json")
+    assert fixed.exit_code == 0, fixed.output
+    summary = json.loads(fixed.stdout)
+    assert (run / "summary.json").is_file() and summary["best_epoch"] == 1
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 @pytest.mark.slow

@@ -104,11 +104,15 @@ def save_pretrained(model, directory: str | Path, name: str | None = None) -> Pa
 
     Raises:
         ValueError: the model's backbone was not built by vptool (see ``adapter_config``).
+        UserError: ``directory`` is, contains or lies inside what the model was built from: the run directory or
+            adapter folder ``vptool.load`` read it from, or its backbone checkpoint (``input_reads``); one line
+            naming both paths, nothing written.
     """
 
-    from vptool.paths import write_safetensors, write_text_atomically
+    from vptool.paths import refuse_inputs, write_safetensors, write_text_atomically
     from vptool.prompting.model import check_finite
 
+    refuse_inputs("save_pretrained", directory, input_reads(model))
     cfg = adapter_config(model)  # refuses before anything is written
     check_finite(model.adapter_state_dict(), str(directory))
     out = Path(directory)
@@ -119,6 +123,20 @@ def save_pretrained(model, directory: str | Path, name: str | None = None) -> Pa
     write_text_atomically(out / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     write_text_atomically(out / CARD_NAME, model_card(cfg, name or out.name))
     return out
+
+
+def input_reads(model) -> list:
+    """What ``model`` was built from, as ``paths.Read`` items: the folder ``vptool.load`` read it from (a run
+    directory's report folders excepted, with the checkpoint and dataset folder its config records) and the
+    backbone checkpoint file. ``save_pretrained`` and ``vptool export`` never write over these."""
+    from vptool.paths import Read, source_reads
+
+    reads = list(source_reads(model.loaded_from)) if getattr(model, "loaded_from", None) is not None else []
+    rec = model.backbone_config or {}
+    for key in ("checkpoint", "file"):
+        if isinstance(rec.get(key), str) and rec[key]:
+            reads.append(Read("backbone checkpoint", rec[key]))
+    return reads
 
 
 def _pct(v) -> str:
@@ -330,6 +348,7 @@ def load_with_info(path: str | Path, device=None, backbone_checkpoint: str | Pat
     ds = cfg.get("dataset") or {}
     model.adapter_info = {"method": cfg.get("method"), "dataset": ds.get("name"), "task": ds.get("task"),
                           "metrics": cfg.get("metrics") or _summary_metrics(p), "recipe": cfg.get("recipe")}
+    model.loaded_from = p  # save_pretrained never writes over it (input_reads)
     model.to(dev).eval()
     return model, info, cfg
 
@@ -366,6 +385,9 @@ def load(path: str | Path, device=None, backbone_checkpoint: str | Path | None =
     Raises:
         UserError: not a run directory or adapter folder; the backbone checkpoint is missing (the message
             names its sha256 and ``--backbone-checkpoint``) or has another sha256; tensors that do not match.
+
+    The model remembers ``path`` (``model.loaded_from``): its ``save_pretrained`` refuses to write over that folder
+    or the backbone checkpoint (``UserError``, as ``vptool export`` does).
     """
     return load_with_info(path, device, backbone_checkpoint)[0]
 

@@ -138,8 +138,17 @@ def _one_line(exc: Exception) -> str:
     return lines[0]
 
 
+def _traceback(debug: bool) -> None:
+    """With ``--debug``: the current exception's traceback on stderr (the exit code stays the error's own)."""
+    if debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+
+
 def cli_errors(fn):
-    """Map exceptions to exit codes: UserError -> 2 (one line each), anything else -> 1."""
+    """Map exceptions to exit codes: UserError -> 2 (one line each), a failed run -> 1 (its signal: 130/143),
+    anything else -> 1. ``--debug`` prints the traceback first and keeps the exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -154,18 +163,16 @@ def cli_errors(fn):
         except typer.Exit:
             raise
         except RecipeError as exc:
-            if debug:
-                raise
+            _traceback(debug)
             _fail(str(exc), 2)
         except UserError as exc:
-            if debug:
-                raise
+            _traceback(debug)
             _fail(_one_line(exc), 2, exc)
         except RunError as exc:  # a failed run (1), or one stopped by SIGINT/SIGTERM after its checkpoint (130/143)
-            if debug:
-                raise
+            _traceback(debug)
             _fail(str(exc), getattr(exc, "exit_code", 1), exc)
         except KeyboardInterrupt:
+            _traceback(debug)
             _fail("interrupted", 130)
         except BrokenPipeError:  # the reader went away (`vptool predict ... | head`): stop quietly, as cat does
             import os
@@ -174,21 +181,19 @@ def cli_errors(fn):
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(141) from None
         except OSError as exc:  # disk full, permission denied, ...: the path and the errno text, exit 1
-            if debug:
-                raise
+            _traceback(debug)
             _fail(_os_error_line(exc), 1)
         except MemoryError:
-            if debug:
-                raise
+            _traceback(debug)
             _fail("out of host memory; lower data.batch_size, data.eval_batch_size or prompt.length (an "
                   "interrupted run continues with --resume)", 1)
         except Exception as exc:  # a bug or an environment failure: exit 1, short message
-            if debug:
-                raise
+            _traceback(debug)
             if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch
                 _fail("out of GPU memory; lower data.batch_size, data.eval_batch_size or prompt.length, or set "
                       "train.precision: bf16 (an interrupted run continues with --resume)", 1)
-            _fail(f"{type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)", 1)
+            hint = "" if debug else " (rerun with --debug for the traceback)"
+            _fail(f"{type(exc).__name__}: {_one_line(exc)}{hint}", 1)
 
     return wrapper
 
@@ -357,7 +362,7 @@ def train(
     command = " ".join(["vptool train", _shell_quote(str(recipe)), *(f"--set {_shell_quote(x)}" for x in set_ or []),
                         "--overwrite" if overwrite else "", "--resume"]).replace("  ", " ")
     summary = run_train(r, overwrite=overwrite, resume=resume, observer=RichObserver(quiet=json_out or not _is_main()),
-                        resume_command=command)
+                        resume_command=command, recipe_file=recipe / "recipe.yaml" if recipe.is_dir() else recipe)
     if not _is_main():
         return
     if json_out:
@@ -419,6 +424,9 @@ def init_prompts(
     if strategy is None and r.prompt.init not in STRATEGIES:
         strategy = "kmeans"
     spec = InitSpec.from_recipe(r, strategy, fraction, source, form, seed)
+    from vptool.paths import Read, recipe_reads, refuse_inputs
+
+    refuse_inputs("-o", output, [Read("recipe", recipe), *recipe_reads(r)])
     check_new_file(output, "-o", ".safetensors", overwrite)  # refuse a bad or existing -o before any slow work
     obs = RichObserver(quiet=json_out or not _is_main())
     from vptool.engine.runtime import precision_warning, resolve_device
@@ -497,12 +505,20 @@ def probe_nmi(
         raise UserError("--compare: compares prompt histories; add --history")
     from vptool.engine import probe as pr
 
+    recipe = None
+    if target.is_file() and target.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(target, set_ or [])
     if output is None:
-        recipe = None
-        if target.is_file() and target.suffix in (".yaml", ".yml"):
-            recipe = load_recipe(target, set_ or [])
         output = pr.default_out_dir(target, recipe, prompts)
-    pr.check_outputs(pr.output_paths(output, history, bool(compare)), overwrite)  # refuse before any slow work
+    outputs = pr.output_paths(output, history, bool(compare))
+    from vptool.paths import Read, recipe_reads, refuse_inputs, source_reads
+
+    reads = [Read("recipe", target), *recipe_reads(recipe)] if recipe is not None else source_reads(target)
+    reads += [Read("prompt file (--prompts)", prompts)] if prompts is not None else []
+    for run in compare or []:
+        reads += source_reads(run, "run directory (--compare)")
+    refuse_inputs("-o", outputs.values(), reads)
+    pr.check_outputs(outputs, overwrite)  # refuse before any slow work
     if history:
         for run in [target, *(compare or [])]:
             if not run.is_dir():
@@ -570,6 +586,9 @@ def eval_(
     if split not in ("train", "val", "test"):
         raise UserError(f"--split: {split!r} is not train, val or test")
     if save_logits is not None:
+        from vptool.paths import refuse_inputs, source_reads
+
+        refuse_inputs("--save-logits", save_logits, source_reads(run_dir))
         check_new_file(save_logits, "--save-logits", ".npy", overwrite)
     import numpy as np
 
@@ -708,14 +727,12 @@ def predict(
         raise UserError(f"--top-k: {top_k} must be at least 1")
     if batch_size < 1:
         raise UserError(f"--batch-size: {batch_size} must be at least 1")
-    if output is not None:
-        check_new_file(output, "-o", None, overwrite)
     from vptool.engine.predict import run_predict
 
     obs = RichObserver(quiet=False)
     summary = run_predict(source, inputs, top_k=top_k, batch_size=batch_size, fmt="csv" if csv_out else "json",
                           output=output, skip_bad=skip_bad, backbone_checkpoint=backbone_checkpoint,
-                          device=device, observer=obs)
+                          device=device, observer=obs, overwrite=overwrite)
     if summary["bad"]:
         err.print(f"{summary['bad']} of {summary['images']} images could not be read; their rows carry an error "
                   "field", markup=False)

@@ -264,11 +264,16 @@ def export(source: str | Path, fmt: str, out: str | Path, opset: int | None = No
         ``max_abs_diff``, ``argmax_equal``, ``batch_sizes`` (and ``opset`` for onnx).
 
     Raises:
-        UserError: bad input (format, output path, source, checkpoint, missing extra, torchscript refusal).
+        UserError: bad input (format, output path, source, checkpoint, missing extra, torchscript refusal); an
+            ``out`` that is, contains or lies inside ``source``, its backbone checkpoint or its dataset folder
+            (with or without ``overwrite``: ``paths.refuse_inputs``).
         RunError: the exported graph does not reproduce the model (the file is removed).
     """
     from vptool.adapter import load_with_info, save_pretrained
+    from vptool.paths import refuse_inputs, source_reads
 
+    if fmt in FORMATS:
+        refuse_inputs("-o", out, source_reads(source, backbone_checkpoint=backbone_checkpoint))
     out = check_output(out, fmt, overwrite)
     require_extra(fmt)
     if opset is not None and fmt != "onnx":

@@ -45,6 +45,7 @@ from vptool.backbones.convert import (
 )
 from vptool.backbones.embedded import EMBEDDED
 from vptool.errors import UserError
+from vptool.safeload import is_refusal, refusal, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +91,14 @@ def sha256_file(path: str | Path) -> str:
 def _reason(exc: Exception) -> str:
     """One plain line from a loader error (for torch's weights-only refusal: the rejected global)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
     for ln in lines:
         if ln.startswith("WeightsUnpickler error:"):
             return ln[len("WeightsUnpickler error:"):].strip()
     return lines[0] if lines else type(exc).__name__
 
 
-def _refused_global(exc: Exception) -> str:
-    """What a weights-only load refused, without torch's advice to trust the file: ``needs GLOBAL mod.Name``."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    m = re.search(r"GLOBAL ([\w.]+)", text)
-    if m:
-        return f"needs the global {m.group(1)}"
-    if "allow_pickle=False" in text:
-        return "holds pickled objects"
-    m = re.search(r"Unsupported operand \d+|Unsupported class [\w.]+", text)
-    return m.group(0) if m else "not a plain tensor file"
+_RESAVE = "re-save it as a plain state dict of tensors (.safetensors, or .pth of tensors only) or a numeric .npz"
 
 
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
@@ -152,14 +144,12 @@ def read_state_dict(path: str | Path, key: str = "backbone.checkpoint") -> dict[
             sd = _read_npz(p)
         else:
             # Namespace only restores attributes (no __reduce__/__setstate__ code), so allowing it runs nothing
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            sd = torch_load(p, f"{key}: {p}", _RESAVE, allow=(argparse.Namespace,))
+    except UserError:
+        raise
     except Exception as exc:  # safetensors / zip / pickle errors have many types; all mean "cannot read this file"
-        text = str(exc)
-        if "WeightsUnpickler error:" in text or "allow_pickle=False" in text:
-            raise UserError(f"{key}: {p} asks to run code or load a non-tensor object ({_refused_global(exc)}); "
-                            "vptool loads tensors only (weights_only=True) and never unpickles code: re-save it "
-                            "as a plain state dict of tensors, .safetensors or a numeric .npz") from None
+        if is_refusal(exc):  # numpy's allow_pickle=False
+            raise UserError(f"{key}: {p} {refusal(p, exc)}; {_RESAVE}") from None
         reason = "zip archive cut short: no central directory" if _cut_zip(p) else _reason(exc)
         raise UserError(f"{key}: cannot read {p} ({reason}); the file is truncated, corrupt or not a "
                         "checkpoint: copy it again, or convert it to .safetensors") from None

@@ -62,15 +62,20 @@ def _precheck(paths: list[Path], observer) -> None:
 def run_predict(source: str | Path, inputs: list[str], top_k: int = 5, batch_size: int = 64, fmt: str = "json",
                 output: str | Path | None = None, skip_bad: bool = False,
                 backbone_checkpoint: str | Path | None = None, device: str | None = None, observer=None,
-                stdin=None, stdout=None) -> dict:
+                stdin=None, stdout=None, overwrite: bool = False) -> dict:
     """Classify ``inputs`` (files, folders, ``-`` for paths on ``stdin``) with ``source``.
+
+    Args:
+        output: write the rows to this file (atomically, at the end) instead of ``stdout``; it may not exist
+            unless ``overwrite``, and may never be, contain or lie inside an input (``paths.refuse_inputs``).
 
     Returns:
         ``{"images", "bad", "seconds", "output"}``.
 
     Raises:
         UserError: a missing input, an empty folder, an unreadable image (without ``skip_bad``), a source that
-            is not a run directory, adapter folder or vptool ``.onnx`` file, a missing backbone checkpoint.
+            is not a run directory, adapter folder or vptool ``.onnx`` file, a missing backbone checkpoint; an
+            ``output`` that is an input or exists (without ``overwrite``).
     """
     from vptool.adapter import read_config
     from vptool.engine.train import Observer
@@ -80,6 +85,16 @@ def run_predict(source: str | Path, inputs: list[str], top_k: int = 5, batch_siz
     t0 = time.time()
     paths = expand_inputs(inputs, stdin)
     src = Path(source)
+    if output is not None:
+        from vptool.paths import Read, check_new_file, refuse_inputs, source_reads
+
+        given = [Path(x) for x in inputs if x != "-"]
+        reads = source_reads(src, backbone_checkpoint=backbone_checkpoint)
+        reads += [Read("image folder" if p.is_dir() else "image", p) for p in given]
+        if "-" in inputs:  # the files named on stdin (those found in a folder lie inside it)
+            reads += [Read("image", p) for p in paths]
+        refuse_inputs("-o", output, reads)
+        check_new_file(output, "-o", None, overwrite)
     if src.suffix != ".onnx":
         read_config(src)  # a wrong SOURCE is named before any image is decoded
     elif not src.is_file():

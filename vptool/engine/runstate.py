@@ -138,9 +138,13 @@ def load_checkpoint(path: Path) -> dict:
     Raises:
         UserError: unreadable or not a vptool checkpoint (one line naming the file).
     """
+    from vptool.safeload import torch_load
+
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, foreign pickle, ...
+        state = torch_load(path, str(path), "start the run over with --overwrite")
+    except UserError:
+        raise
+    except Exception as exc:  # truncated zip, ...
         line = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
         raise UserError(f"{path}: cannot read the checkpoint ({line}); start the run over with --overwrite") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "adapter" not in state:
@@ -295,6 +299,43 @@ def inspect_run(run: Path) -> RunState:
         except Exception:
             pass
     return RunState("unfinished")
+
+
+#: what a run directory holds before its first finished epoch: recomputed by a fresh start (nothing to keep)
+_START_FILES = {"recipe.yaml", "checkpoints", "metrics.jsonl", "prompt_init.safetensors", ".feature_cache",
+                "prompt_history"}
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and ".tmp" in name
+
+
+def failed_start(run: Path) -> bool:
+    """``run`` is an unfinished run that stopped before anything finished (a bad image, a full disk, a NaN in
+    the first epoch): no ``checkpoints/last.pt``, no ``adapter.safetensors``, an empty ``metrics.jsonl``, no
+    prompt snapshot past epoch 0, and nothing vptool did not write at the start. Such a run holds nothing a
+    fresh start would not write again, so ``vptool train`` starts it over instead of asking for ``--resume``."""
+    run = Path(run)
+    if not run.is_dir() or not (run / "recipe.yaml").is_file() or (run / "summary.json").exists():
+        return False
+    try:
+        for entry in run.iterdir():
+            if entry.name not in _START_FILES and not _is_temp(entry.name):
+                return False
+        ckpts = run / "checkpoints"
+        if ckpts.exists() and (not ckpts.is_dir() or any(not _is_temp(f.name) for f in ckpts.iterdir())):
+            return False
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and (not metrics.is_file() or metrics.stat().st_size and
+                                 metrics.read_text(encoding="utf-8", errors="replace").strip()):
+            return False
+        history = run / "prompt_history"
+        if history.exists() and (not history.is_dir() or any(
+                f.name != "epoch_0000.safetensors" and not _is_temp(f.name) for f in history.iterdir())):
+            return False
+    except OSError:
+        return False
+    return True
 
 
 def overwrite_dir(run: Path) -> Path:

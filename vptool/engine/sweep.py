@@ -33,10 +33,13 @@ A worker killed (even by SIGKILL) leaves its trial RUNNING; its ``vptool train``
 the run. SIGINT/SIGTERM to the sweep are forwarded to the running child, which checkpoints; the trial is enqueued
 again and the sweep exits 130/143: rerunning the same command resumes it.
 
-A trial whose ``vptool train`` fails (exit 1: the run failed, e.g. a non-finite loss; exit 2: a bad value such as
-``train.lr=-1``) is recorded as FAIL with its error line, and the sweep goes on. Failed trials are final: a rerun
-does not retry them (start a new study with ``--study NEW`` to try again). Once every grid point has a result
-(COMPLETE or FAIL), a rerun starts nothing and only reports.
+Every grid value, and every grid point, is validated against the recipe schema before anything is written
+(``check_grid_values``: ``train.lr=abc`` or ``-1`` is refused with exit 2, every problem listed at once). A trial
+whose ``vptool train`` still fails (exit 1: the run failed, e.g. a non-finite loss; exit 2: an input found bad only
+when the trial starts) is recorded as FAIL with its error line, and the sweep goes on. Failed trials are final: a
+rerun does not retry them (start a new study with ``--study NEW`` to try again). Once every grid point has a result
+(COMPLETE or FAIL), a rerun starts nothing and only reports. Exit status: 0 when every grid point has a result and
+at least one completed, 1 when every trial failed; ``--json`` counts the FAIL trials either way.
 
 Reports (``<SWEEP_DIR>/sweep.csv``, ``sweep.json``, ``sweep.png``) are rewritten atomically after every trial and at
 the end.
@@ -160,8 +163,8 @@ def _check_grid_key(key: str) -> None:
 def parse_grid(items: list[str]) -> Grid:
     """Parse ``--grid KEY=V1,V2,...`` items into a ``Grid`` (the cross product of their values).
 
-    Values are kept as the strings typed (split on commas, stripped) and later passed verbatim to ``--set``; they
-    are not validated here: a bad value (``train.lr=-1``) makes its trial fail, and the failure is recorded.
+    Values are kept as the strings typed (split on commas, stripped) and later passed verbatim to ``--set``;
+    ``check_grid_values`` validates them against the recipe schema.
 
     Args:
         items: the ``--grid`` options, e.g. ``["train.lr=0.5,0.25", "train.weight_decay=0,0.001"]``.
@@ -1083,6 +1086,61 @@ def sweep_figure(grid: Grid, rows: list[dict], best: dict | None):
     return fig
 
 
+def check_grid_values(recipe_path: str | Path, grid: Grid, sets: list[str]) -> None:
+    """Validate every grid value, and every grid point, against the recipe schema before any trial starts.
+
+    Each value is checked with the recipe and ``sets`` alone (``--grid train.lr=abc: ...``), then each point whose
+    values all passed is checked whole, for the rules that join keys (``--grid point 001-lr0.5-warmup_epochs9:
+    ...``).
+
+    Raises:
+        RecipeError: one line per problem (each distinct problem once), naming the key and the value.
+    """
+    from vptool.errors import RecipeError
+    from vptool.recipe import load_recipe
+
+    def problems(overrides: list[str]) -> list[str]:
+        try:
+            load_recipe(recipe_path, [*sets, *overrides])
+        except RecipeError as exc:
+            return list(exc.problems)
+        except UserError as exc:
+            return [str(exc).splitlines()[0] if str(exc) else type(exc).__name__]
+        return []
+
+    found: list[str] = []
+    bad: set[tuple[str, str]] = set()
+    for key, values in zip(grid.keys, grid.values):
+        for v in values:
+            for line in problems([f"{key}={v}"]):
+                bad.add((key, v))
+                found.append(f"--grid {key}={v}: {line}")
+    if not found:
+        for i in range(len(grid)):
+            for line in problems(grid.overrides(i)):
+                found.append(f"--grid point {grid.name(i)}: {line}")
+    unique = list(dict.fromkeys(found))
+    if unique:
+        raise RecipeError(unique[:20] + ([f"... and {len(unique) - 20} more"] if len(unique) > 20 else []))
+
+
+def _refuse_inputs(recipe_path: str | Path, recipe, grid: Grid, sweep_dir: Path, storage) -> None:
+    """The sweep directory (and every trial run in it) may not be, contain or lie inside the recipe or what it
+    reads; a ``--storage`` SQLite file may not be one of the sweep's outputs (reports, logs, trial runs).
+
+    Raises:
+        UserError: one line naming both paths (``paths.refuse_inputs``).
+    """
+    from vptool.paths import Read, recipe_reads, refuse_inputs
+
+    refuse_inputs("output.dir/output.name", sweep_dir, [Read("recipe", recipe_path), *recipe_reads(recipe)])
+    database = storage.database if storage is not None and storage.get_backend_name() == "sqlite" else None
+    if database and database != ":memory:":
+        outputs = [sweep_dir / n for n in ("sweep.csv", "sweep.json", "sweep.png", "logs", ".sweep.lock")]
+        outputs += [sweep_dir / grid.name(i) for i in range(len(grid))]
+        refuse_inputs("output.dir/output.name", outputs, [Read("storage file (--storage)", database)])
+
+
 def _say_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -1110,7 +1168,10 @@ def plan_sweep(recipe_path: str | Path, grid_items: list[str], sets: list[str] |
 
     Raises:
         UserError: a bad ``--grid`` (see ``parse_grid``), optuna not installed, a bad recipe or ``--set``, a bad
-            ``--trial-command``, a malformed ``--storage`` URL or an empty ``--study`` (one line each).
+            ``--trial-command``, a malformed ``--storage`` URL or an empty ``--study`` (one line each); a sweep
+            directory or trial run that is, contains or lies inside an input, or a ``--storage`` file that is one of
+            the sweep's outputs (``paths.refuse_inputs``).
+        RecipeError: grid values the recipe schema refuses, every one at once (``check_grid_values``).
     """
     from vptool.recipe import load_recipe
 
@@ -1119,7 +1180,9 @@ def plan_sweep(recipe_path: str | Path, grid_items: list[str], sets: list[str] |
     command = parse_trial_command(trial_command)
     sets = list(sets or [])
     recipe = load_recipe(recipe_path, sets)
+    check_grid_values(recipe_path, grid, sets)
     sweep_dir = Path(recipe.output.dir) / f"{recipe.output.name}{SWEEP_SUFFIX}"
+    _refuse_inputs(recipe_path, recipe, grid, sweep_dir, None)
     probe = sweep_dir
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
@@ -1136,6 +1199,8 @@ def plan_sweep(recipe_path: str | Path, grid_items: list[str], sets: list[str] |
         raise UserError(f"--storage: {url[:120]!r} is not a database URL ({str(exc)[:80]}); e.g. "
                         "sqlite:///sweep.db or postgresql://user@host/db") from None
     shown = parsed.render_as_string(hide_password=True)
+    if storage is not None:
+        _refuse_inputs(recipe_path, recipe, grid, sweep_dir, parsed)
     name = study if study is not None else recipe.output.name
     if not name or not name.strip():
         raise UserError("--study: empty; give a name, e.g. --study lr-wd")

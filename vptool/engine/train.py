@@ -174,6 +174,23 @@ def run_path(recipe: Recipe) -> Path:
     return parent / recipe.output.name
 
 
+def check_run_inputs(final: Path, recipe: Recipe, recipe_file: str | Path | None = None, resume: bool = False) -> None:
+    """Refuse a run directory ``final`` that is, contains or lies inside what the run reads: the recipe file (except
+    a resumed run's own ``recipe.yaml``), ``backbone.checkpoint``, ``prompt.init_file``, ``data.root``.
+
+    Raises:
+        UserError: one line naming ``output.dir/output.name``, the run directory and the input.
+    """
+    from vptool.paths import Read, recipe_reads, refuse_inputs
+
+    reads = recipe_reads(recipe)
+    if recipe_file is not None:
+        own = Path(final) / "recipe.yaml"
+        if not (resume and Path(recipe_file).resolve() == own.resolve()):
+            reads.append(Read("recipe", recipe_file))
+    refuse_inputs("output.dir/output.name", final, reads)
+
+
 _RESUME_FREE = {"train.epochs", "train.feature_cache", "output.save_every_steps", "output.dir", "output.name"}
 
 
@@ -206,14 +223,15 @@ def plan_run(final: Path, recipe: Recipe, overwrite: bool, resume: bool) -> Plan
     - no run: train into it (``--resume``: refused, nothing to resume);
     - a finished run: refused; ``--overwrite`` trains into ``.<name>.overwrite`` and swaps it in at the end;
       ``--resume`` with a larger ``train.epochs`` extends it, with the same returns its summary;
-    - an unfinished run (killed, failed, stopped): refused naming ``--resume`` and ``--overwrite``;
+    - an unfinished run (killed, failed, stopped): refused naming ``--resume`` and ``--overwrite``, unless it
+      stopped before anything finished (``runstate.failed_start``: a bad image, a full disk): then it starts over;
     - ``--overwrite --resume``: continues an interrupted replacement in ``.<name>.overwrite``.
     Call it under the run's lock (it removes a stale ``.<name>.overwrite``).
 
     Raises:
         UserError: one line naming the run and the ways out.
     """
-    from vptool.engine.runstate import inspect_run, load_checkpoint, overwrite_dir
+    from vptool.engine.runstate import failed_start, inspect_run, load_checkpoint, overwrite_dir
 
     st = inspect_run(final)
     if overwrite:
@@ -238,6 +256,9 @@ def plan_run(final: Path, recipe: Recipe, overwrite: bool, resume: bool) -> Plan
         if st.status == "foreign":
             raise UserError(f"{final} already exists and is not a vptool run directory (no recipe.yaml); delete it, "
                             "choose another name with --set output.name=NEW, or pass --overwrite")
+        if not resume and st.status == "unfinished" and failed_start(final):
+            shutil.rmtree(final)  # it stopped before its first finished epoch: nothing to keep, start it over
+            return Plan(final, final)
         if not resume:
             if st.status == "finished":
                 raise UserError(f"{final} already exists (a finished run); choose another name with --set "
@@ -316,7 +337,8 @@ def _all_finite(tensors) -> bool:
 
 
 def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = None,
-          setup: Setup | None = None, resume: bool = False, resume_command: str | None = None) -> dict:
+          setup: Setup | None = None, resume: bool = False, resume_command: str | None = None,
+          recipe_file: str | Path | None = None) -> dict:
     """Train a recipe and write its run directory; returns the summary.
 
     Run-directory safety (``vptool.engine.runstate``): an exclusive lock for the run, atomic files, ``--overwrite``
@@ -327,9 +349,12 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
     Args:
         resume: continue the run's checkpoint (see ``plan_run`` for what may differ from its recipe).
         resume_command: the command the stop message tells the user to run (default ``vptool train RUN --resume``).
+        recipe_file: the YAML file the recipe was read from: the run directory may not be, contain or lie inside
+            it (nor the recipe's backbone checkpoint, prompt file or dataset folder; ``paths.refuse_inputs``).
 
     Raises:
-        UserError: bad input (exit 2), found before anything is written when it is in the recipe or on disk.
+        UserError: bad input (exit 2), found before anything is written when it is in the recipe or on disk; a run
+            directory that is, contains or lies inside one of the run's inputs.
         RunError: the run failed (exit 1): a non-finite loss, gradient or parameter, with the epoch, step and lr.
         Interrupted: SIGINT/SIGTERM (exit 130/143), after writing ``checkpoints/last.pt``.
     """
@@ -340,6 +365,8 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
     from vptool.engine.runtime import resolve_device
 
     t_start = time.time()
+    final = run_path(recipe)
+    check_run_inputs(final, recipe, recipe_file, resume)
     device = setup.device if setup is not None else dist.device_for(resolve_device(recipe.train.device))
     B, W = recipe.data.batch_size, dist.from_env().world
     if B % W:  # refused by every rank alike, before the rendezvous
@@ -347,7 +374,6 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
                         f"torchrun job; use a multiple of {W}, e.g. {max(W, B - B % W)}")
     job = dist.init(device)
     obs = (observer or Observer()) if job.main else Observer.silent()
-    final = run_path(recipe)
     with contextlib.ExitStack() as held:
 
         def decide() -> Plan:  # rank 0 alone holds the lock and reads the disk; every rank gets its plan

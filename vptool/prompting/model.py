@@ -233,6 +233,7 @@ class PromptedViT(nn.Module):
         self.eval_transform = "vtab"  # the protocol whose evaluation transform predict() uses (data.train_transform)
         self.backbone_config: dict | None = None  # how to rebuild the backbone (set by vptool's builders)
         self.adapter_info: dict = {}  # provenance for the model card: method, dataset, metrics, recipe
+        self.loaded_from = None  # the folder vptool.load read this model from (save_pretrained never writes there)
         self._data_config = _backbone_data_config(backbone)
 
     def _build_prompts(self, mode: str, length: int, init_name: str, file: str | None,
@@ -692,6 +693,8 @@ class PromptedViT(nn.Module):
 
         Raises:
             ValueError: the model was built around a backbone vptool did not build (nothing to name it by).
+            UserError: ``directory`` is, contains or lies inside the folder the model was loaded from or its
+                backbone checkpoint (nothing written).
         """
         from vptool.adapter import save_pretrained
 
