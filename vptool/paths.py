@@ -144,54 +144,40 @@ def _inside(child: Path, parent: Path) -> bool:
     return child != parent and parent in child.parents
 
 
-def _file_ids(path: Path, limit: int = 200_000) -> set[tuple[int, int]]:
-    """``(st_dev, st_ino)`` of ``path`` (a file) or of every file under it (a folder; at most ``limit`` files)."""
+def _files(path: Path):
+    """``(file, stat)`` for ``path`` (a file) or for every file under it (a folder); unreadable entries skipped."""
     import os
 
-    ids: set[tuple[int, int]] = set()
     try:
         if path.is_file():
-            st = path.stat()
-            return {(st.st_dev, st.st_ino)}
+            yield path, path.stat()
+            return
         if not path.is_dir():
-            return ids
+            return
     except OSError:
-        return ids
+        return
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
+            p = Path(dirpath) / name
             try:
-                st = os.stat(os.path.join(dirpath, name))
+                yield p, p.stat()
             except OSError:
                 continue
-            ids.add((st.st_dev, st.st_ino))
-            if len(ids) >= limit:
-                return ids
+
+
+def _file_ids(path: Path, limit: int = 200_000) -> set[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of ``path`` (a file) or of every file under it (a folder; at most ``limit`` files)."""
+    ids: set[tuple[int, int]] = set()
+    for _, st in _files(path):
+        ids.add((st.st_dev, st.st_ino))
+        if len(ids) >= limit:
+            break
     return ids
 
 
 def _linked_files(path: Path) -> list[tuple[Path, tuple[int, int]]]:
     """The files at or under ``path`` that have another name (``st_nlink > 1``: a hard link may be an input)."""
-    import os
-
-    out = []
-    try:
-        if path.is_file():
-            st = path.stat()
-            return [(path, (st.st_dev, st.st_ino))] if st.st_nlink > 1 else []
-        if not path.is_dir():
-            return out
-    except OSError:
-        return out
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            p = Path(dirpath) / name
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            if st.st_nlink > 1:
-                out.append((p, (st.st_dev, st.st_ino)))
-    return out
+    return [(p, (st.st_dev, st.st_ino)) for p, st in _files(path) if st.st_nlink > 1]
 
 
 def refuse_inputs(option: str, outputs, reads) -> None:
