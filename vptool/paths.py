@@ -270,12 +270,11 @@ def source_reads(source: str | Path, what: str | None = None,
     rec = cfg.get("backbone") if isinstance(cfg.get("backbone"), dict) else {}
     recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
     if not recipe and is_run:
-        from vptool.errors import UserError as _Bad
         from vptool.recipe import read_yaml
 
         try:
             recipe = read_yaml(src / "recipe.yaml")
-        except _Bad:
+        except UserError:
             recipe = {}
     saved_backbone = recipe.get("backbone") if isinstance(recipe.get("backbone"), dict) else {}
     ckpt = rec.get("checkpoint") or saved_backbone.get("checkpoint")

@@ -13,8 +13,9 @@ import re
 import zipfile
 from pathlib import Path
 
-#: modules a tensor file may name (torch's weights-only allow-list is narrower; these never mark a file as code)
-_TENSOR_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy.core.multiarray", "argparse")
+#: modules a tensor file names (torch's rebuild functions, OrderedDict, argparse.Namespace): the global a refusal
+#: names is the first one outside these
+_TENSOR_MODULES = ("torch", "collections", "builtins", "_codecs", "argparse")
 
 
 def _pickle_bytes(path: Path) -> bytes | None:

@@ -1096,12 +1096,16 @@ def check_grid_values(recipe_path: str | Path, grid: Grid, sets: list[str]) -> N
     Raises:
         RecipeError: one line per problem (each distinct problem once), naming the key and the value.
     """
+    import copy
+
     from vptool.errors import RecipeError
-    from vptool.recipe import load_recipe
+    from vptool.recipe import parse_overrides, read_yaml, resolve
+
+    raw = read_yaml(recipe_path)  # read once; each check resolves a copy
 
     def problems(overrides: list[str]) -> list[str]:
         try:
-            load_recipe(recipe_path, [*sets, *overrides])
+            resolve(copy.deepcopy(raw), parse_overrides([*sets, *overrides]), source=str(recipe_path))
         except RecipeError as exc:
             return list(exc.problems)
         except UserError as exc:
@@ -1109,12 +1113,9 @@ def check_grid_values(recipe_path: str | Path, grid: Grid, sets: list[str]) -> N
         return []
 
     found: list[str] = []
-    bad: set[tuple[str, str]] = set()
     for key, values in zip(grid.keys, grid.values):
         for v in values:
-            for line in problems([f"{key}={v}"]):
-                bad.add((key, v))
-                found.append(f"--grid {key}={v}: {line}")
+            found += [f"--grid {key}={v}: {line}" for line in problems([f"{key}={v}"])]
     if not found:
         for i in range(len(grid)):
             for line in problems(grid.overrides(i)):
@@ -1124,9 +1125,9 @@ def check_grid_values(recipe_path: str | Path, grid: Grid, sets: list[str]) -> N
         raise RecipeError(unique[:20] + ([f"... and {len(unique) - 20} more"] if len(unique) > 20 else []))
 
 
-def _refuse_inputs(recipe_path: str | Path, recipe, grid: Grid, sweep_dir: Path, storage) -> None:
+def _refuse_inputs(recipe_path: str | Path, recipe, sweep_dir: Path) -> None:
     """The sweep directory (and every trial run in it) may not be, contain or lie inside the recipe or what it
-    reads; a ``--storage`` SQLite file may not be one of the sweep's outputs (reports, logs, trial runs).
+    reads.
 
     Raises:
         UserError: one line naming both paths (``paths.refuse_inputs``).
@@ -1134,7 +1135,18 @@ def _refuse_inputs(recipe_path: str | Path, recipe, grid: Grid, sweep_dir: Path,
     from vptool.paths import Read, recipe_reads, refuse_inputs
 
     refuse_inputs("output.dir/output.name", sweep_dir, [Read("recipe", recipe_path), *recipe_reads(recipe)])
-    database = storage.database if storage is not None and storage.get_backend_name() == "sqlite" else None
+
+
+def _refuse_storage(grid: Grid, sweep_dir: Path, storage) -> None:
+    """A ``--storage`` SQLite file (``storage``: the parsed URL) may not be one of the sweep's outputs: its reports,
+    ``logs/``, its lock or a trial's run.
+
+    Raises:
+        UserError: one line naming both paths (``paths.refuse_inputs``).
+    """
+    from vptool.paths import Read, refuse_inputs
+
+    database = storage.database if storage.get_backend_name() == "sqlite" else None
     if database and database != ":memory:":
         outputs = [sweep_dir / n for n in ("sweep.csv", "sweep.json", "sweep.png", "logs", ".sweep.lock")]
         outputs += [sweep_dir / grid.name(i) for i in range(len(grid))]
@@ -1182,7 +1194,7 @@ def plan_sweep(recipe_path: str | Path, grid_items: list[str], sets: list[str] |
     recipe = load_recipe(recipe_path, sets)
     check_grid_values(recipe_path, grid, sets)
     sweep_dir = Path(recipe.output.dir) / f"{recipe.output.name}{SWEEP_SUFFIX}"
-    _refuse_inputs(recipe_path, recipe, grid, sweep_dir, None)
+    _refuse_inputs(recipe_path, recipe, sweep_dir)
     probe = sweep_dir
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
@@ -1200,7 +1212,7 @@ def plan_sweep(recipe_path: str | Path, grid_items: list[str], sets: list[str] |
                         "sqlite:///sweep.db or postgresql://user@host/db") from None
     shown = parsed.render_as_string(hide_password=True)
     if storage is not None:
-        _refuse_inputs(recipe_path, recipe, grid, sweep_dir, parsed)
+        _refuse_storage(grid, sweep_dir, parsed)
     name = study if study is not None else recipe.output.name
     if not name or not name.strip():
         raise UserError("--study: empty; give a name, e.g. --study lr-wd")
