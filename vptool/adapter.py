@@ -19,13 +19,14 @@ named with ``backbone_checkpoint=`` (CLI: ``--backbone-checkpoint``).
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from pathlib import Path
 
 import torch
 
+from vptool.builder import backbone_record  # noqa: F401  (re-exported: adapter was its home)
+from vptool.config import ModelConfig
 from vptool.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,17 +43,6 @@ CONFIG_KEYS = ("format_version", "vptool_version", "method", "paper", "model", "
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def backbone_record(name: str, pretrained: bool, checkpoint: str | None, format: str, kwargs: dict, seed: int,
-                    info) -> dict:
-    """How to rebuild a backbone (``adapter_config.json`` "backbone"): what built it (the recipe's ``backbone``
-    keys, and the seed a random init, ``pretrained: false``, draws from) and what was loaded (``file``, its
-    ``checkpoint_sha256``, the ``detected_format``, the ``mean``/``std`` it implies), from a ``BackboneInfo``."""
-    return {"name": name, "pretrained": bool(pretrained), "checkpoint": checkpoint, "format": format,
-            "kwargs": dict(kwargs or {}), "seed": int(seed), "file": info.checkpoint,
-            "checkpoint_sha256": info.checkpoint_sha256, "detected_format": info.format,
-            "mean": info.data_config.get("mean"), "std": info.data_config.get("std")}
-
-
 def adapter_config(model) -> dict:
     """The ``adapter_config.json`` mapping of a model built by vptool (``build_model``, ``load``,
     ``from_preset``).
@@ -246,15 +236,12 @@ def read_config(directory: str | Path) -> dict:
 
 def _from_recipe(cfg: dict, path: Path) -> dict:
     """Upgrade a config that holds only the run's ``recipe`` (vptool before adapter folders existed)."""
-    from vptool.engine.setup import model_kwargs
     from vptool.recipe import resolve_saved
 
     if "recipe" not in cfg:
         raise UserError(f"{path}: has neither a model section nor a recipe; not an adapter config")
     recipe = resolve_saved(cfg["recipe"], str(path))
-    kw = model_kwargs(recipe)
-    kw.pop("prompt_file")
-    kw["temperature_range"] = list(kw["temperature_range"])
+    kw = recipe.model_config().to_dict()
     b, old = recipe.backbone, cfg.get("backbone") or {}
     return {**cfg, "model": kw, "eval_transform": recipe.data.train_transform,
             "backbone": {"name": b.name, "pretrained": b.pretrained, "checkpoint": b.checkpoint, "format": b.format,
@@ -263,22 +250,23 @@ def _from_recipe(cfg: dict, path: Path) -> dict:
             "dataset": {"name": recipe.data.dataset, "task": recipe.data.task}}
 
 
-def _model_options(cfg: dict, path: Path) -> dict:
-    """The ``model`` section as ``PromptedViT`` keywords; keys this version does not take are warned about."""
-    from vptool.prompting.model import PromptedViT
+def saved_model_config(cfg: dict, path: Path) -> ModelConfig:
+    """The ``model`` section as a ``ModelConfig`` (K from ``classes``); keys this version does not know are
+    warned about and ignored. The prompts start at zeros: the adapter brings the trained ones (no init file, no
+    k-means).
 
-    accepted = set(inspect.signature(PromptedViT.__init__).parameters) - {"self", "backbone", "num_classes"}
-    opts = dict(cfg["model"])
-    unknown = sorted(set(opts) - accepted)
+    Raises:
+        UserError: a ``model`` section that is not a mapping.
+    """
+    if not isinstance(cfg["model"], dict):
+        raise UserError(f"{path}: model: expected a mapping of options")
+    config, unknown = ModelConfig.from_dict(cfg["model"], num_classes=len(cfg["classes"]))
+    unknown = [k for k in unknown if k != "num_classes"]
     if unknown:
         log.warning("%s: ignoring model options this vptool version does not know: %s", path, ", ".join(unknown))
-    opts = {k: v for k, v in opts.items() if k in accepted}
-    if "temperature_range" in opts:
-        opts["temperature_range"] = tuple(opts["temperature_range"])
-    if opts.get("prompt_mode", "none") != "none":
-        opts["prompt_init"] = "zeros"  # the adapter brings the trained prompts: no init file, no k-means
-    opts.pop("prompt_file", None)
-    return opts
+    if config.prompt_mode != "none":
+        config = config.replace(prompt_init="zeros")
+    return config.replace(prompt_file=None)
 
 
 def _backbone(rec: dict, backbone_checkpoint: str | Path | None):
@@ -322,8 +310,8 @@ def load_with_info(path: str | Path, device=None, backbone_checkpoint: str | Pat
     Returns:
         ``(model, info, cfg)``.
     """
+    from vptool.builder import build_model
     from vptool.engine.runtime import resolve_device
-    from vptool.prompting.model import PromptedViT
 
     p = Path(path)
     if p.is_file() and p.suffix == ".onnx":
@@ -332,22 +320,21 @@ def load_with_info(path: str | Path, device=None, backbone_checkpoint: str | Pat
     cfg = read_config(p)
     cfg_path = p / CONFIG_NAME
     dev = resolve_device(device if device is not None else "auto", key="device")
-    opts = _model_options(cfg, cfg_path)
+    config = saved_model_config(cfg, cfg_path)
     backbone, info = _backbone(cfg["backbone"], backbone_checkpoint)
+    record = {**cfg["backbone"], "file": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256}
+    if backbone_checkpoint is not None:
+        record["checkpoint"] = str(backbone_checkpoint)
+    ds = cfg.get("dataset") or {}
     try:
-        model = PromptedViT(backbone, num_classes=len(cfg["classes"]),
-                            pretrained_mask_token=info.extras.get("mask_token"), **opts)
+        model = build_model(config, backbone, info, record=record, class_names=cfg["classes"],
+                            adapter_info={"method": cfg.get("method"), "dataset": ds.get("name"),
+                                          "task": ds.get("task"), "metrics": cfg.get("metrics") or _summary_metrics(p),
+                                          "recipe": cfg.get("recipe")})
     except ValueError as exc:
         raise UserError(f"{cfg_path}: model: {exc}") from None
     model.load_adapter(str(p / WEIGHTS_NAME))
-    model.class_names = [str(c) for c in cfg["classes"]]
     model.set_data_config(cfg["data_config"], cfg.get("eval_transform", "vtab"))
-    model.backbone_config = {**cfg["backbone"], "file": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256}
-    if backbone_checkpoint is not None:
-        model.backbone_config["checkpoint"] = str(backbone_checkpoint)
-    ds = cfg.get("dataset") or {}
-    model.adapter_info = {"method": cfg.get("method"), "dataset": ds.get("name"), "task": ds.get("task"),
-                          "metrics": cfg.get("metrics") or _summary_metrics(p), "recipe": cfg.get("recipe")}
     model.loaded_from = p  # save_pretrained never writes over it (input_reads)
     model.to(dev).eval()
     return model, info, cfg
@@ -421,20 +408,24 @@ def from_preset(name: str, backbone, num_classes: int, *, class_names: list[str]
         UserError: a backbone that cannot be built or loaded.
     """
     from vptool.backbones.build import build_backbone
-    from vptool.engine.setup import MODEL_KEYS, model_kwargs
-    from vptool.prompting.model import PromptedViT
+    from vptool.builder import build_model, resolve_readout_auto
+    from vptool.config import field_names
     from vptool.recipe import PRESETS, Recipe, deep_merge
 
     if name not in PRESETS:
         raise ValueError(f"preset {name!r} is not one of {', '.join(repr(p) for p in PRESETS)}")
-    accepted = set(MODEL_KEYS) | {"temperature_range", "prompt_values", "deep_form", "pretrained_mask_token"}
+    given = {k: overrides.pop(k) for k in ("prompt_values", "pretrained_mask_token") if k in overrides}
+    accepted = (set(field_names()) - {"num_classes"}) | {"prompt_values", "pretrained_mask_token"}
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise ValueError(f"from_preset: unknown option {unknown[0]!r}; options: {', '.join(sorted(accepted))}")
-    kw = {**model_kwargs(deep_merge(Recipe().to_dict(), PRESETS[name].defaults)), **overrides}
+    if "temperature_range" in overrides:
+        overrides["temperature_range"] = tuple(overrides["temperature_range"])
+    config = ModelConfig.from_recipe(deep_merge(Recipe().to_dict(), PRESETS[name].defaults),
+                                     num_classes=num_classes).replace(**overrides)
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"class_names: {len(class_names)} names for num_classes={num_classes}")
-    record = None
+    record, info = None, None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if isinstance(backbone, str):
@@ -443,25 +434,14 @@ def from_preset(name: str, backbone, num_classes: int, *, class_names: list[str]
                                             format=backbone_format)
             record = backbone_record(backbone_name, pretrained, checkpoint, backbone_format, backbone_kwargs, seed,
                                      info)
-            kw.setdefault("pretrained_mask_token", info.extras.get("mask_token"))
             fmt = info.format or backbone_format
         else:
             cfg = getattr(backbone, "pretrained_cfg", None) or {}
             backbone_name = ".".join(v for v in (cfg.get("architecture"), cfg.get("tag")) if v) or "module"
             fmt = backbone_format
-        if "auto" in (kw["readout_pool"], kw["readout_norm"]):  # the preset's official readout on this backbone
-            from vptool.conventions import resolve_readout
-            from vptool.engine.setup import backbone_pretraining
-
-            kw["readout_pool"], kw["readout_norm"] = resolve_readout(
-                kw["readout_pool"], kw["readout_norm"], PRESETS[name].convention,
-                backbone_pretraining(backbone_name, fmt, backbone), getattr(backbone, "cls_token", None) is not None)
-        model = PromptedViT(backbone, num_classes=num_classes, generator=torch.Generator().manual_seed(seed), **kw)
-    if record is not None:
-        model.set_data_config(info.data_config, eval_transform)
-    else:
-        model.set_data_config(model.data_config, eval_transform)
-    model.backbone_config = record
-    model.class_names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
-    model.adapter_info = {"method": name}
-    return model
+        # the preset's official readout on this backbone
+        config, _ = resolve_readout_auto(config, PRESETS[name].convention, backbone_name, fmt, backbone)
+        return build_model(config, backbone, info, record=record, generator=torch.Generator().manual_seed(seed),
+                           class_names=class_names if class_names is not None else
+                           [str(k) for k in range(num_classes)], eval_transform=eval_transform,
+                           adapter_info={"method": name}, **given)

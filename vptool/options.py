@@ -10,7 +10,10 @@ from __future__ import annotations
 import typing
 from typing import Literal
 
-PromptMode = Literal["none", "shallow", "deep", "gated"]
+#: the prompt modes, each a unit in its own file: name -> ``vptool/prompting/modes/<file>.py`` (register a new mode
+#: here: one line; ``vptool.prompting.modes``)
+PROMPT_MODES = {"none": "none", "shallow": "shallow", "deep": "deep", "gated": "gated"}
+PromptMode = Literal[tuple(PROMPT_MODES)]  # the choices are the registered modes
 PromptInit = Literal["xavier", "zeros", "file", "kmeans", "mean-pool", "max-pool", "random"]
 InitSource = Literal["same", "first", "last"]
 InitForm = Literal["paper", "official"]

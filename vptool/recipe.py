@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from vptool.config import ModelConfig, recipe_field
 from vptool.data.catalog import dataset_problem, expected_classes
 from vptool.errors import RecipeError, UserError
 from vptool.options import (
@@ -95,13 +96,10 @@ class DataConfig:
 
 @dataclass
 class PromptConfig:
-    mode: PromptMode = _f(
-        "none", "none | shallow (VPT eq. 4-5) | deep (VPT eq. 7) | gated (GateVPT eq. 6-8: shallow + gates)")
-    length: int = _f(10, "Np, prompt tokens per set")
-    init: PromptInit = _f(
-        "xavier", "xavier (VPT) | zeros (VPTM) | file (an init-prompts output, prompt.init_file) | an SPT strategy "
-                  "built when training starts: kmeans | mean-pool | max-pool | random (SPT §3.3-3.4)")
-    init_file: Optional[str] = _f(None, "init: file -> safetensors with prompts.shallow / prompts.deep")
+    mode: PromptMode = recipe_field("prompt_mode")
+    length: int = recipe_field("prompt_length")
+    init: PromptInit = recipe_field("prompt_init")
+    init_file: Optional[str] = recipe_field("prompt_file")
     init_fraction: float = _f(1.0, "SPT kmeans: fraction of the training split whose tokens are clustered")
     init_source: InitSource = _f(
         "same", "SPT: set i from the tokens entering block i+1 (same) | all sets from level 0 (first) | from the "
@@ -113,52 +111,45 @@ class PromptConfig:
         "auto", "SPT: the transform of the images the prompts are built from: eval (deterministic) | train (the "
                 "training augmentation, data.train_transform, as the official code) | auto (train with "
                 "init_form official, else eval)")
-    dropout: float = _f(0.0, "dropout on each prompt set when inserted (train mode only)")
-    trainable: bool = _f(True, "false freezes the prompts (head only, SPT Tab. 4a)")
-    gate_init: float = _f(5.0, "gated: gate priors start at -gate_init (GateVPT official code; Table 5 per task)")
-    gate: GateKind = _f("soft", "gated: soft sigmoid gates | hard (straight-through Gumbel-sigmoid)")
+    dropout: float = recipe_field("prompt_dropout")
+    trainable: bool = recipe_field("prompt_trainable")
+    gate_init: float = recipe_field("gate_init")
+    gate: GateKind = recipe_field("gate_kind")
 
 
 @dataclass
 class AttentionConfig:
-    temperature: Temperature = _f(
-        "fixed", "fixed (tau = 1) | learnable (one tau per block, GateVPT eq. 9)")
+    temperature: Temperature = recipe_field("temperature")
     temperature_min: float = _f(0.01, "learnable temperature lower clamp (official GateVPT code)")
     temperature_max: float = _f(10.0, "learnable temperature upper clamp (official GateVPT code)")
 
 
 @dataclass
 class TokensConfig:
-    mask: MaskToken = _f(
-        "none", "[MASK] token (VPTM): none | auto (pretrained if the backbone has one, else learnable) | "
-                "pretrained | learnable")
-    order: Optional[str] = _f(None, "token order over C (class), X (patches), P (prompts), M (mask), C first; "
-                                    "default CPX, or CXPM with a mask token (VPTM Table 5: CXPM CXMP CPMX CMPX)")
+    mask: MaskToken = recipe_field("mask_token")
+    order: Optional[str] = recipe_field("token_order")
 
 
 @dataclass
 class ReadoutConfig:
-    pool: ReadoutPoolSetting = _f(
-        "auto", "auto (the method's official code on this backbone: vptool.conventions; resolved into recipe.yaml) "
-                "| cls | avg (patch tokens) | avg_all (every token after CLS, prompts included) | mask (VPTM h[MASK])")
-    norm: ReadoutNormSetting = _f(
-        "auto", "auto (as pool) | pretrained (backbone's final norm) | fresh (new LayerNorm, MAE fc_norm) | none")
+    pool: ReadoutPoolSetting = recipe_field(
+        "readout_pool", default="auto",
+        help="auto (the method's official code on this backbone: vptool.conventions; resolved into recipe.yaml) | "
+             "cls | avg (patch tokens) | avg_all (every token after CLS, prompts included) | mask (VPTM h[MASK])")
+    norm: ReadoutNormSetting = recipe_field("readout_norm", default="auto", help="auto (as pool) | pretrained "
+                                            "(backbone's final norm) | fresh (new LayerNorm, MAE fc_norm) | none")
 
 
 @dataclass
 class HeadConfig:
-    type: HeadType = _f(
-        "linear", "linear | verbalizer (VPTM eq. 7-9) | mlp1 | mlp2 (VPTM Table 4 baselines)")
-    dim: int = _f(128, "verbalizer prototype width t (VPTM default 128) or the mlp2 hidden width")
-    init: HeadInit = _f(
-        "trunc_normal", "trunc_normal (std 0.02, zero bias) | official (the VPT/GateVPT code: kaiming-normal "
-                        "fan_out weights, logit bias -log(99))")
+    type: HeadType = recipe_field("head")
+    dim: int = recipe_field("head_dim")
+    init: HeadInit = recipe_field("head_init")
 
 
 @dataclass
 class TrainConfig:
-    tune: Tune = _f(
-        "prompts", "prompts (+head) | head (linear probe) | all (full fine-tune)")
+    tune: Tune = recipe_field("tune")
     epochs: int = _f(20, "training epochs")
     optimizer: Optimizer = _f("sgd", "sgd (momentum) or adamw")
     lr: float = _f(0.1, "base learning rate")
@@ -203,6 +194,11 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def model_config(self, **given) -> ModelConfig:
+        """The typed model options this recipe sets (``ModelConfig.from_recipe``); ``given`` (``num_classes``, ...)
+        wins."""
+        return ModelConfig.from_recipe(self, **given)
 
 
 # --------------------------------------------------------------------------------------------------- presets

@@ -108,16 +108,14 @@ def block_inputs(model, x: torch.Tensor):
     """
     L = len(model.backbone.blocks)
     B = x.shape[0]
-    deep = model.prompt_mode == "deep"
-    has = model.prompts is not None
-    yield 0, (model.prompts.set(0 if deep else None, B) if has else None), model.embed(x)[:, model.num_prefix_tokens:]
+    yield 0, model.mode.entering(model, 0, B, None), model.embed(x)[:, model.num_prefix_tokens:]
     if L == 1:
         return
     after = model.forward_intermediates(x, indices=list(range(L - 1)), stop_early=True, output_fmt="NLC",
                                         intermediates_only=True, return_prompt_tokens=True)
     for i in range(1, L):
         patches, rows = after[i - 1]
-        yield i, (model.prompts.set(i, B) if deep else rows) if has else None, patches
+        yield i, model.mode.entering(model, i, B, rows), patches
 
 
 class NMIRecorder:

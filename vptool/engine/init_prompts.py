@@ -33,7 +33,8 @@ from vptool.errors import UserError
 from vptool.paths import check_new_file
 from vptool.prompting.kmeans import StreamingKMeans
 from vptool.prompting.model import PromptedViT
-from vptool.prompting.spt import FORMS, SOURCES, STRATEGIES, pool_prompts, sample_prompts, source_levels
+from vptool.prompting.modes import mode_for
+from vptool.prompting.spt import FORMS, SOURCES, STRATEGIES, pool_prompts, sample_prompts
 from vptool.recipe import Recipe
 
 
@@ -95,11 +96,11 @@ def prompt_tensor_name(recipe: Recipe) -> str:
     Raises:
         UserError: ``prompt.mode: none`` (no prompts to initialise).
     """
-    mode = recipe.prompt.mode
-    if mode == "none":
-        raise UserError("prompt.mode: 'none' has no prompts to initialise; use a prompted method "
+    mode = mode_for(recipe.prompt.mode)
+    if not mode.has_prompts:
+        raise UserError(f"prompt.mode: {mode.name!r} has no prompts to initialise; use a prompted method "
                         "(e.g. method: spt-deep) or --set prompt.mode=deep")
-    return "prompts.deep" if mode == "deep" else "prompts.shallow"
+    return mode.tensor_name
 
 
 def level_tokens(model: PromptedViT, x: torch.Tensor, levels: int | list[int], form: str = "paper"):
@@ -235,8 +236,8 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
                         tune="head").to(device).eval()
     L = len(backbone.blocks)
     Np = recipe.prompt.length
-    num_sets = L if name == "prompts.deep" else 1
-    levels = source_levels(num_sets, L, spec.source)
+    mode = mode_for(recipe.prompt.mode)
+    levels = mode.init_levels(L, spec.source)
     unique = sorted(set(levels))
     amp = autocast_dtype(recipe.train.precision, device)
     g = torch.Generator().manual_seed(spec.seed)
@@ -284,7 +285,7 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
                         batch_images=order[:B].tolist())
     if job.active:
         meta["world_size"] = job.world
-    tensor = torch.stack(prompts) if name == "prompts.deep" else prompts[0]
+    tensor = mode.from_sets(prompts)
     d = recipe.data
     meta.update(
         seconds=round(time.time() - t_start, 3), extract_seconds=round(extract_s, 3),

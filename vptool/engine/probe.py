@@ -111,8 +111,8 @@ def _use_prompt_file(setup: Setup, path: Path) -> None:
     model = setup.model
     bb = model.backbone
     check_prompt_file_backbone(path, setup.backbone, bb.embed_dim, len(bb.blocks), key="--prompts")
-    name = f"prompts.{model.prompts.mode}"
-    shape = tuple(getattr(model.prompts, model.prompts.mode).shape)
+    name = model.mode.tensor_name
+    shape = model.mode.shape(len(bb.blocks), model.prompts.length, bb.embed_dim)
     t = load_prompt_file(str(path), name, shape, key="--prompts")
     load_tensors(model, {name: t}, f"--prompts: {path}")
 

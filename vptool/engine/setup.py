@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from vptool.adapter import backbone_record
 from vptool.backbones.build import BackboneInfo, build_backbone
+from vptool.builder import backbone_record, resolve_readout_auto
+from vptool.builder import build_model as build_from_config
 from vptool.data import Splits, build_splits
 from vptool.engine.runtime import (  # noqa: F401  (re-exported: setup was their home)
     autocast,
@@ -37,36 +38,6 @@ class Setup:
     checkpoint: dict | None = None  # {"epoch", "step"} when the model came from checkpoints/last.pt (eval --last)
 
 
-#: ``PromptedViT`` keyword -> the recipe key that sets it (``attention.temperature_min/max`` give the range).
-MODEL_KEYS = {
-    "prompt_mode": ("prompt", "mode"), "prompt_length": ("prompt", "length"), "prompt_init": ("prompt", "init"),
-    "prompt_file": ("prompt", "init_file"), "prompt_dropout": ("prompt", "dropout"),
-    "prompt_trainable": ("prompt", "trainable"), "gate_init": ("prompt", "gate_init"),
-    "gate_kind": ("prompt", "gate"), "readout_pool": ("readout", "pool"), "readout_norm": ("readout", "norm"),
-    "tune": ("train", "tune"), "temperature": ("attention", "temperature"), "mask_token": ("tokens", "mask"),
-    "token_order": ("tokens", "order"), "head": ("head", "type"), "head_dim": ("head", "dim"),
-    "head_init": ("head", "init"),
-}
-
-
-def model_kwargs(recipe: Recipe | dict) -> dict:
-    """``PromptedViT`` keyword arguments for a recipe or a recipe-shaped mapping (everything but backbone, K
-    and the RNG)."""
-    d = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
-    kw = {name: d[section][key] for name, (section, key) in MODEL_KEYS.items()}
-    kw["temperature_range"] = (d["attention"]["temperature_min"], d["attention"]["temperature_max"])
-    return kw
-
-
-def backbone_pretraining(name: str, fmt: str | None, backbone: torch.nn.Module) -> str:
-    """``supervised`` / ``mae`` / ``mocov3`` / ``beit`` (``vptool.conventions.pretraining_of``) for a built
-    backbone: ``fmt`` is the format its file was loaded as, or the explicit ``backbone.format``."""
-    from vptool.conventions import pretraining_of
-    from vptool.prompting.families import family_for
-
-    return pretraining_of(name, None if fmt in (None, "auto") else fmt, family_for(backbone, name).name)
-
-
 def resolve_auto(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo) -> list[str]:
     """Replace the recipe's ``auto`` conventions by what they mean for this method and backbone, in place, so
     ``recipe.yaml`` records the values that ran:
@@ -79,22 +50,18 @@ def resolve_auto(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo) 
     Returns:
         one line per resolved key, e.g. ``readout.pool: auto -> avg_all (vpt convention, mae backbone)``.
     """
-    from vptool.conventions import resolve_readout
     from vptool.recipe import PRESETS
 
     notes = []
     r = recipe.readout
     if "auto" in (r.pool, r.norm):
-        convention = PRESETS[recipe.method].convention
-        fmt = info.format or recipe.backbone.format
-        pretraining = backbone_pretraining(recipe.backbone.name, fmt, backbone)
-        has_cls = getattr(backbone, "cls_token", None) is not None
-        pool, norm = resolve_readout(r.pool, r.norm, convention, pretraining, has_cls)
-        why = f"{convention} convention, {pretraining} backbone"
-        for key, old, new in (("readout.pool", r.pool, pool), ("readout.norm", r.norm, norm)):
+        config, why = resolve_readout_auto(recipe.model_config(), PRESETS[recipe.method].convention,
+                                           recipe.backbone.name, info.format or recipe.backbone.format, backbone)
+        for key, old, new in (("readout.pool", r.pool, config.readout_pool),
+                              ("readout.norm", r.norm, config.readout_norm)):
             if old == "auto":
                 notes.append(f"{key}: auto -> {new} ({why})")
-        r.pool, r.norm = pool, norm
+        r.pool, r.norm = config.readout_pool, config.readout_norm
     p = recipe.prompt
     if p.init_transform == "auto":
         p.init_transform = "train" if p.init_form == "official" else "eval"
@@ -113,14 +80,14 @@ def build_model(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo, n
     resolve_auto(recipe, backbone, info)  # a no-op after prepare; here for callers that build a model directly
     seed_everything(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
-    kw = {**model_kwargs(recipe), "pretrained_mask_token": info.extras.get("mask_token"), **overrides}
-    model = PromptedViT(backbone, num_classes=num_classes, generator=g, **kw)
-    model.set_data_config(info.data_config, recipe.data.train_transform)
+    given = {k: overrides.pop(k) for k in ("prompt_values", "pretrained_mask_token") if k in overrides}
+    config = recipe.model_config(num_classes=num_classes).replace(**overrides)
     b = recipe.backbone
-    model.backbone_config = backbone_record(b.name, b.pretrained, b.checkpoint, b.format, b.kwargs, recipe.seed, info)
-    model.adapter_info = {"method": recipe.method, "dataset": recipe.data.dataset, "task": recipe.data.task,
-                          "recipe": recipe.to_dict()}
-    return model
+    return build_from_config(
+        config, backbone, info, generator=g, eval_transform=recipe.data.train_transform,
+        record=backbone_record(b.name, b.pretrained, b.checkpoint, b.format, b.kwargs, recipe.seed, info),
+        adapter_info={"method": recipe.method, "dataset": recipe.data.dataset, "task": recipe.data.task,
+                      "recipe": recipe.to_dict()}, **given)
 
 
 def check_num_classes(recipe: Recipe, found: int) -> None:
@@ -212,10 +179,12 @@ def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
     D, L = int(backbone.embed_dim), len(backbone.blocks)
     n_patches = int(getattr(backbone.patch_embed, "num_patches", 0))
     prefix = int(getattr(backbone, "num_prefix_tokens", 1))
-    p = recipe.prompt
-    Np = 0 if p.mode == "none" else p.length
+    from vptool.prompting.modes import mode_for
+
+    p, mode = recipe.prompt, mode_for(recipe.prompt.mode)
+    Np = p.length if mode.has_prompts else 0
     T = prefix + n_patches + Np + (0 if recipe.tokens.mask == "none" else 1)
-    prompt_params = Np * D * (L if p.mode == "deep" else 1)
+    prompt_params = mode.trained_values(L, Np, D)
     backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
     from vptool.engine.dist import from_env
 

@@ -389,8 +389,8 @@ def train(recipe: Recipe, overwrite: bool = False, observer: Observer | None = N
         resuming = plan.checkpoint is not None
         # every input error surfaces here, before anything is written; a resume skips the SPT prompt build
         setup = setup or prepare(recipe, device=device, observer=obs, for_adapter=resuming)
-        if resuming and "prompt_init" in setup.model.options:  # the prompts come from last.pt; record the recipe's
-            setup.model.options["prompt_init"] = recipe.prompt.init
+        if resuming:  # the prompts come from last.pt; record the recipe's init
+            setup.model.config = setup.model.config.replace(prompt_init=recipe.prompt.init)
         work = plan.work
         if plan.extend_from is not None:
             obs.note(f"extending {final} from {plan.extend_from} to {recipe.train.epochs} epochs; the cosine "

@@ -26,3 +26,36 @@ def order_problem(order: str, has_prompts: bool, has_mask: bool) -> str | None:
         return None
     return (f"tokens.order: {order!r} must start with C and use each of {''.join(sorted(letters))} once "
             f"(C class token, X patches, P prompts, M [MASK]), e.g. {default_order(has_prompts, has_mask)}")
+
+
+class RowLayout:
+    """Where each kind of row sits in one block's input: ``order`` (letters as above) and how many rows each
+    letter holds, plus ``prefix`` deep-prompt keys/values in front of the keys (VPT-deep's prefix form).
+
+    A backbone family reads it to place its position signal (``Family.block``): BEiT's relative position bias
+    covers the C and X rows only, every pair involving a P or M row gets zero bias (VPTM §4).
+    """
+
+    __slots__ = ("order", "lengths", "prefix")
+
+    def __init__(self, order: str, lengths: dict[str, int], prefix: int = 0):
+        self.order, self.prefix = order, int(prefix)
+        self.lengths = {ch: int(lengths[ch]) for ch in order}
+
+    @property
+    def key(self) -> tuple:
+        """A hashable identity (order, row counts, prefix) for caching what depends on the layout."""
+        return self.order, tuple(self.lengths.values()), self.prefix
+
+    def slices(self) -> dict[str, slice]:
+        """Row slices of each letter."""
+        out, s = {}, 0
+        for ch in self.order:
+            out[ch] = slice(s, s + self.lengths[ch])
+            s += self.lengths[ch]
+        return out
+
+    @property
+    def rows(self) -> int:
+        """T, the rows of the block's input."""
+        return sum(self.lengths.values())

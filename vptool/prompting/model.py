@@ -3,7 +3,8 @@
 Every method is a point in one option space (DESIGN.md §1); presets in ``vptool.recipe`` name the points the
 papers use. The axes, each independent of the others:
 
-- prompt mode ``none`` / ``shallow`` / ``deep`` / ``gated``:
+- prompt mode ``none`` / ``shallow`` / ``deep`` / ``gated``, each a unit in ``vptool.prompting.modes`` (its shapes,
+  tensor names and how it runs block i; ``_blocks`` hands every block to it):
   - ``shallow`` (VPT, Jia et al. 2022, eq. 4-5): one set P (Np, D) inserted once and carried through every block.
   - ``deep`` (VPT eq. 7): L sets P (L, Np, D); set i enters block i+1 and the block's prompt outputs are dropped.
     Computed in the prefix form (``attention.prompted_attention(prefix=...)``), equal to the concatenated form on every
@@ -42,85 +43,25 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from vptool.config import ModelConfig, choice_fields, field_names
 from vptool.errors import UserError
-from vptool.options import (
-    DeepForm,
-    GateKind,
-    HeadInit,
-    HeadType,
-    MaskToken,
-    PromptInit,
-    PromptMode,
-    ReadoutNorm,
-    ReadoutPool,
-    Temperature,
-    TrainTransform,
-    Tune,
-    check_choice,
-)
+from vptool.options import TrainTransform, check_choice
 from vptool.prompting.families import family_for
 from vptool.prompting.heads import build_head
 from vptool.prompting.init import init_prompts, load_prompt_file
-from vptool.prompting.layout import default_order, order_problem
+from vptool.prompting.layout import RowLayout, default_order, order_problem
+from vptool.prompting.modes import BlockStep, PromptTokens, mode_for
+from vptool.prompting.modes.gated import PromptGates
 
-#: the constructor options that are choices, and their tables (shared with the recipe schema).
-CHOICE_OPTIONS = {"prompt_mode": PromptMode, "prompt_init": PromptInit, "readout_pool": ReadoutPool,
-                  "readout_norm": ReadoutNorm, "tune": Tune, "deep_form": DeepForm, "gate_kind": GateKind,
-                  "temperature": Temperature, "mask_token": MaskToken, "head": HeadType, "head_init": HeadInit}
+__all__ = ["CHOICE_OPTIONS", "ModelConfig", "PromptGates", "PromptTokens", "PromptedViT", "check_finite",
+           "format_parameter_summary"]
 
+#: the constructor options that are choices, and their tables (``ModelConfig``'s; shared with the recipe schema).
+CHOICE_OPTIONS = choice_fields()
 
-class PromptTokens(nn.Module):
-    """Learnable prompt tokens: ``shallow`` (Np, D) or ``deep`` (L, Np, D), with prompt dropout.
-
-    Prompt dropout (VPT code, deep default 0.1) is applied to a prompt set each time it is inserted, per image
-    (B, Np, D masks), in train mode only.
-    """
-
-    def __init__(self, mode: str, init: torch.Tensor, dropout: float = 0.0):
-        super().__init__()
-        self.mode = mode
-        self.length = init.shape[-2]  # Np
-        setattr(self, mode, nn.Parameter(init))
-        self.dropout = nn.Dropout(dropout)
-
-    def set(self, i: int | None, B: int) -> torch.Tensor:
-        """Prompt set to insert: (B, Np, D) in train mode with dropout, else (1, Np, D)."""
-        p = (self.shallow if i is None else self.deep[i]).unsqueeze(0)
-        if self.training and self.dropout.p > 0:
-            p = self.dropout(p.expand(B, -1, -1))
-        return p
-
-
-class PromptGates(nn.Module):
-    """GateVPT gate priors gamma (L-1,) (eq. 6), soft or straight-through Gumbel-sigmoid (``hard``).
-
-    Args:
-        num_gates: L - 1.
-        gate_init: gamma starts at ``-gate_init`` (official code; ``5`` gives g ~ 0.0067).
-        kind: ``soft`` or ``hard``.
-    """
-
-    def __init__(self, num_gates: int, gate_init: float = 5.0, kind: str = "soft"):
-        super().__init__()
-        check_choice("gate_kind", kind, GateKind)
-        self.kind = kind
-        self.logit = nn.Parameter(torch.full((num_gates,), -float(gate_init)))
-
-    def values(self, B: int) -> torch.Tensor:
-        """Gate values used in this forward: (L-1,) or, for hard gates in training, (B, L-1)."""
-        if self.kind == "soft":
-            return self.logit.sigmoid()
-        if not self.training:
-            return (self.logit > 0).to(self.logit.dtype)
-        u = torch.rand(B, self.logit.shape[0], device=self.logit.device).clamp_(1e-6, 1 - 1e-6)
-        s = (self.logit + torch.log(u) - torch.log1p(-u)).sigmoid()
-        hard = (s > 0.5).to(s.dtype)
-        return hard + (s - s.detach())  # straight-through: exactly 0/1 forward, the Gumbel-sigmoid's gradient
-
-    @torch.no_grad()
-    def eval_values(self) -> torch.Tensor:
-        """The gates evaluation uses: sigmoid(gamma) (soft) or 1[gamma > 0] (hard), (L-1,)."""
-        return self.logit.sigmoid() if self.kind == "soft" else (self.logit > 0).float()
+#: the order of the keyword arguments before ``ModelConfig`` (``PromptedViT(backbone, K, "deep", 10, ...)``).
+POSITIONAL_OPTIONS = ("prompt_mode", "prompt_length", "prompt_init", "prompt_file", "prompt_values", "prompt_dropout",
+                      "prompt_trainable", "readout_pool", "readout_norm", "tune", "deep_form", "generator")
 
 
 class PromptedViT(nn.Module):
@@ -128,37 +69,20 @@ class PromptedViT(nn.Module):
 
     Args:
         backbone: frozen timm ``VisionTransformer`` or ``Beit`` (see ``vptool.backbones.build_backbone``).
-        num_classes: K.
-        prompt_mode: ``none``, ``shallow`` (VPT eq. 4-5), ``deep`` (VPT eq. 7) or ``gated`` (GateVPT eq. 6-8).
-        prompt_length: Np.
-        prompt_init: ``xavier`` (VPT), ``zeros`` (VPTM), ``file``, or an SPT strategy (``kmeans``, ``mean-pool``,
-            ``max-pool``, ``random``), which needs ``prompt_values`` (built by ``vptool.engine.init_prompts``).
-        prompt_file: init-prompts safetensors for ``prompt_init="file"``.
-        prompt_values: the initial prompts themselves, (Np, D) or (L, Np, D); wins over ``prompt_init``.
-        prompt_dropout: dropout probability on each inserted prompt set.
-        prompt_trainable: False freezes the prompts (head only; SPT Tab. 4a).
-        readout_pool: ``cls``, ``avg``, ``avg_all`` or ``mask``.
-        readout_norm: ``pretrained`` (backbone's final LayerNorm), ``fresh`` (new LayerNorm, weight 1, bias 0:
-            MAE's fc_norm; trained only when ``tune="all"``) or ``none``. Applied after pooling.
-        tune: ``prompts`` (prompts, gates, temperature, learned [MASK] and head), ``head`` (linear probe) or
-            ``all`` (full fine-tune).
-        deep_form: ``prefix`` (default) or ``concat`` (reference form, for tests and benchmarks).
+        config: the options (``vptool.config.ModelConfig``: prompt mode and length, readout, head, tune, ...,
+            each documented there), with ``num_classes`` K. The keyword form is the same options as keywords:
+            ``PromptedViT(backbone, K, "deep", 10, readout_pool="avg")`` equals
+            ``PromptedViT(backbone, ModelConfig(num_classes=K, prompt_mode="deep", prompt_length=10,
+            readout_pool="avg"))``.
         generator: RNG for the prompt, head and [MASK] init.
-        gate_init: GateVPT gate priors start at ``-gate_init``.
-        gate_kind: ``soft`` or ``hard`` (straight-through Gumbel-sigmoid).
-        temperature: ``fixed`` (tau = 1) or ``learnable`` (GateVPT eq. 9).
-        temperature_range: (min, max) for the learnable temperature.
-        mask_token: ``none``, ``auto`` (pretrained when the backbone has one, else learnable), ``pretrained`` or
-            ``learnable``.
+        prompt_values: the initial prompts themselves, (Np, D) or (L, Np, D); wins over ``prompt_init`` (an SPT
+            strategy needs them: ``vptool.engine.init_prompts``).
         pretrained_mask_token: the backbone's pretrained [MASK] embedding (1, 1, D) or (1, D), if any.
-        token_order: order string (see module doc); None for the default.
-        head: ``linear``, ``verbalizer``, ``mlp1`` or ``mlp2``.
-        head_dim: t (verbalizer prototype width) or the ``mlp2`` hidden width.
-        head_init: ``trunc_normal`` (std 0.02, zero bias) or ``official`` (the VPT/GateVPT code's: kaiming-normal
-            fan_out weights, logit bias -log(99); ``heads.py``).
 
     Attributes:
-        options: the validated options above that rebuild this model (``adapter_config.json`` "model").
+        config: the validated ``ModelConfig`` (token order resolved) that rebuilds this model.
+        options: ``config.to_dict()``, ``adapter_config.json``'s "model" section.
+        mode: the prompt mode's unit (``vptool.prompting.modes``).
         class_names: the K class names (index = label), or None; set by vptool's builders (``vptool.load``,
             ``from_preset``, training).
         eval_transform: ``vtab`` or ``fgvc``: the evaluation transform ``predict`` applies (``set_data_config``).
@@ -180,55 +104,46 @@ class PromptedViT(nn.Module):
             does not have, an invalid token order).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, prompt_mode: str = "none", prompt_length: int = 10,
-                 prompt_init: str = "xavier", prompt_file: str | None = None,
-                 prompt_values: torch.Tensor | None = None, prompt_dropout: float = 0.0,
-                 prompt_trainable: bool = True, readout_pool: str = "cls", readout_norm: str = "pretrained",
-                 tune: str = "prompts", deep_form: str = "prefix", generator: torch.Generator | None = None,
-                 gate_init: float = 5.0, gate_kind: str = "soft", temperature: str = "fixed",
-                 temperature_range: tuple[float, float] = (0.01, 10.0), mask_token: str = "none",
-                 pretrained_mask_token: torch.Tensor | None = None, token_order: str | None = None,
-                 head: str = "linear", head_dim: int = 128, head_init: str = "trunc_normal"):
+    def __init__(self, backbone: nn.Module, config: ModelConfig | int | None = None, *args,
+                 generator: torch.Generator | None = None, prompt_values: torch.Tensor | None = None,
+                 pretrained_mask_token: torch.Tensor | None = None, **options):
         super().__init__()
-        given = dict(prompt_mode=prompt_mode, prompt_init=prompt_init, readout_pool=readout_pool,
-                     readout_norm=readout_norm, tune=tune, deep_form=deep_form, gate_kind=gate_kind,
-                     temperature=temperature, mask_token=mask_token, head=head, head_init=head_init)
-        for name, value in given.items():
-            check_choice(name, value, CHOICE_OPTIONS[name])
-        if readout_pool == "cls" and getattr(backbone, "cls_token", None) is None:
+        config = _as_config(config, args, options)
+        generator = options.pop("generator", generator)
+        prompt_values = options.pop("prompt_values", prompt_values)
+        c = config.validate()
+        if c.num_classes is None:
+            raise ValueError("num_classes: missing; give K, the number of classes (ModelConfig(num_classes=K))")
+        if c.readout_pool == "cls" and getattr(backbone, "cls_token", None) is None:
             raise UserError("readout.pool: 'cls' needs a backbone with a class token; use avg")
         self.backbone = backbone
         self.family = family_for(backbone)  # the backbone family's ops: embedding, block forward, position bias
-        self.per_block_bias = self.family.has_block_position_bias(backbone)
-        self.prompt_mode = prompt_mode
-        self.readout_pool = readout_pool
-        self.readout_norm = readout_norm
-        self.tune = tune
-        self.deep_form = deep_form
+        self.mode = mode_for(c.prompt_mode)  # the prompt mode's unit: shapes, names, how it runs each block
+        self.prompt_mode = c.prompt_mode
+        self.readout_pool = c.readout_pool
+        self.readout_norm = c.readout_norm
+        self.tune = c.tune
+        self.deep_form = c.deep_form
         self.num_prefix_tokens = backbone.num_prefix_tokens
         D, L = backbone.embed_dim, len(backbone.blocks)
-        self.prompts = self._build_prompts(prompt_mode, prompt_length, prompt_init, prompt_file, prompt_values,
-                                           prompt_dropout, generator)
-        self.gates = PromptGates(L - 1, gate_init, gate_kind) if prompt_mode == "gated" else None
+        self.prompts = self._build_prompts(c, prompt_values, generator)
+        self.gates = None
+        for name, module in self.mode.extras(L, c).items():  # e.g. GateVPT's gates
+            setattr(self, name, module)
         # temperature (GateVPT eq. 9)
-        self.temperature_range = tuple(float(v) for v in temperature_range)
-        self.temperature = nn.Parameter(torch.ones(L)) if temperature == "learnable" else None
-        self._build_mask_token(mask_token, pretrained_mask_token, generator)
-        if readout_pool == "mask" and self.mask_source is None:
+        self.temperature_range = tuple(c.temperature_range)
+        self.temperature = nn.Parameter(torch.ones(L)) if c.temperature == "learnable" else None
+        self._build_mask_token(c.mask_token, pretrained_mask_token, generator)
+        if c.readout_pool == "mask" and self.mask_source is None:
             raise UserError("readout.pool: 'mask' needs a [MASK] token; set tokens.mask: auto")
-        self.order = self._check_order(token_order)
-        self.prompt_rows = prompt_mode in ("shallow", "gated")  # prompts are rows of every block's input
+        self.order = self._check_order(c.token_order)
         # readout and head
-        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if readout_norm == "fresh" else None
-        self.head_name, head_module = build_head(head, D, num_classes, head_dim, generator, init=head_init)
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if c.readout_norm == "fresh" else None
+        self.head_name, head_module = build_head(c.head, D, c.num_classes, c.head_dim, generator, init=c.head_init)
         setattr(self, self.head_name, head_module)
-        self._set_trainable(tune, prompt_trainable)
-        # what rebuilds this model (adapter_config.json "model"), and what inference needs to know
-        self.options = {**given, "prompt_length": int(prompt_length), "prompt_dropout": float(prompt_dropout),
-                        "prompt_trainable": bool(prompt_trainable), "gate_init": float(gate_init),
-                        "temperature_range": list(self.temperature_range), "token_order": self.order,
-                        "head_dim": int(head_dim)}
-        self.num_classes = num_classes
+        self._set_trainable(c.tune, c.prompt_trainable)
+        self.config = c.replace(token_order=self.order)  # what rebuilds this model (adapter_config.json "model")
+        self.num_classes = c.num_classes
         self.class_names: list[str] | None = None  # K names, index = label (set by vptool's builders)
         self.eval_transform = "vtab"  # the protocol whose evaluation transform predict() uses (data.train_transform)
         self.backbone_config: dict | None = None  # how to rebuild the backbone (set by vptool's builders)
@@ -236,31 +151,41 @@ class PromptedViT(nn.Module):
         self.loaded_from = None  # the folder vptool.load read this model from (save_pretrained never writes there)
         self._data_config = _backbone_data_config(backbone)
 
-    def _build_prompts(self, mode: str, length: int, init_name: str, file: str | None,
-                       values: torch.Tensor | None, dropout: float,
+    @property
+    def options(self) -> dict:
+        """``config.to_dict()``: the options that rebuild this model (``adapter_config.json`` "model")."""
+        return self.config.to_dict()
+
+    @property
+    def prompt_rows(self) -> bool:
+        """Whether the prompts are rows of every block's input (the mode's ``rows``)."""
+        return self.mode.rows
+
+    def _build_prompts(self, c: ModelConfig, values: torch.Tensor | None,
                        generator: torch.Generator | None) -> PromptTokens | None:
-        """The prompt tokens, (Np, D) shallow/gated or (L, Np, D) deep, from ``values``, a file or an init rule."""
-        if mode == "none":
+        """The prompt tokens, shaped by the mode (``mode.shape``: (Np, D) or (L, Np, D)), from ``values``, a file or
+        an init rule; None for a mode without prompts."""
+        mode = self.mode
+        if not mode.has_prompts:
             return None
         bb = self.backbone
         D, L = bb.embed_dim, len(bb.blocks)
-        kind = "deep" if mode == "deep" else "shallow"
-        shape = (length, D) if kind == "shallow" else (L, length, D)
-        name = f"prompts.{kind}"
+        shape = mode.shape(L, c.prompt_length, D)
+        name = mode.tensor_name
         if values is not None:
             if tuple(values.shape) != shape:
                 raise UserError(f"prompt.init: {name} has shape {tuple(values.shape)}, the model needs "
                                 f"{shape}; match prompt.length and the backbone")
             init = values.detach().float().cpu().clone()
-        elif init_name == "file":
-            if not file:
+        elif c.prompt_init == "file":
+            if not c.prompt_file:
                 raise UserError("prompt.init_file: missing; prompt.init 'file' needs an init-prompts output")
-            init = load_prompt_file(file, name, shape)
-        elif init_name not in ("xavier", "zeros"):
-            raise ValueError(f"prompt_init {init_name!r} needs prompt_values (vptool.engine.init_prompts)")
+            init = load_prompt_file(c.prompt_file, name, shape)
+        elif c.prompt_init not in ("xavier", "zeros"):
+            raise ValueError(f"prompt_init {c.prompt_init!r} needs prompt_values (vptool.engine.init_prompts)")
         else:
-            init = init_prompts(shape, init_name, tuple(bb.patch_embed.patch_size), D, generator)
-        return PromptTokens(kind, init, dropout)
+            init = init_prompts(shape, c.prompt_init, tuple(bb.patch_embed.patch_size), D, generator)
+        return PromptTokens(mode.tensor, init, c.prompt_dropout)
 
     def _build_mask_token(self, mode: str, pretrained: torch.Tensor | None,
                           generator: torch.Generator | None) -> None:
@@ -330,38 +255,24 @@ class PromptedViT(nn.Module):
 
     def row_order(self, with_prompts: bool | None = None) -> str:
         """The order of the rows present in a block's input (P only when prompts are rows)."""
-        keep = self.prompt_rows if with_prompts is None else with_prompts
+        keep = self.mode.rows if with_prompts is None else with_prompts
         return self.order if keep else self.order.replace("P", "")
+
+    def layout(self, order: str, N: int, prefix: int = 0) -> RowLayout:
+        """The ``RowLayout`` of rows in ``order`` with N patch tokens and ``prefix`` prefix prompts."""
+        return RowLayout(order, self._lengths(N), prefix)
 
     def slices(self, order: str, N: int) -> dict[str, slice]:
         """Row slices of each letter of ``order`` for N patch tokens."""
-        lengths, out, s = self._lengths(N), {}, 0
-        for ch in order:
-            out[ch] = slice(s, s + lengths[ch])
-            s += lengths[ch]
-        return out
+        return self.layout(order, N).slices()
 
-    def _assemble(self, parts: dict[str, torch.Tensor], order: str) -> torch.Tensor:
+    def assemble(self, parts: dict[str, torch.Tensor], order: str) -> torch.Tensor:
+        """Concatenate (B, n, D) row groups by letter in ``order`` -> (B, T, D)."""
         return torch.cat([parts[ch] for ch in order], dim=1)
 
-    def _split(self, x: torch.Tensor, order: str, N: int) -> dict[str, torch.Tensor]:
+    def split(self, x: torch.Tensor, order: str, N: int) -> dict[str, torch.Tensor]:
+        """(B, T, D) rows in ``order`` -> their row groups by letter."""
         return {ch: x[:, sl] for ch, sl in self.slices(order, N).items()}
-
-    def position_bias(self, rel: torch.Tensor | None, order: str, N: int, prefix: int = 0) -> torch.Tensor | None:
-        """Expand a (H, 1+N, 1+N) CLS+patch relative position bias to the rows of ``order``.
-
-        Returns (1, H, T, prefix + T) with zeros for prompt and [MASK] rows/columns and ``prefix`` leading
-        zero columns (deep prompts' keys), or None without a relative position bias.
-        """
-        if rel is None:
-            return None
-        sl = self.slices(order, N)
-        idx = torch.cat([torch.arange(sl["C"].start, sl["C"].stop), torch.arange(sl["X"].start, sl["X"].stop)])
-        idx = idx.to(rel.device)
-        T = sl[order[-1]].stop
-        full = rel.new_zeros(rel.shape[0], T, prefix + T)
-        full[:, idx[:, None], prefix + idx[None, :]] = rel
-        return full.unsqueeze(0)
 
     # ------------------------------------------------------------------------------------------- forward
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,66 +286,37 @@ class PromptedViT(nn.Module):
             return None
         return self.temperature.clamp(*self.temperature_range)
 
+    def run_block(self, step: BlockStep, blk: nn.Module, h: torch.Tensor, order: str,
+                  prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``blk`` (the ``i``-th, as ``step`` counts) on rows ``h`` (B, T, D) in ``order`` through the
+        family's ops, with this forward's temperature and ``prefix`` (1 or B, Np, D) prompt keys/values."""
+        i = step.state["i"]
+        tau = None if step.taus is None else step.taus[i]
+        layout = self.layout(order, step.N, 0 if prefix is None else prefix.shape[1])
+        return self.family.block(blk, h, layout, prefix, tau, step.state)
+
     def _blocks(self, x: torch.Tensor, last: int | None = None):
         """Run the blocks; yield ``(i, tokens after block i (B, T, D), their row order, N)`` for i = 0..last.
 
-        After a gated block the prompt rows are already the gated mix (GateVPT eq. 7), i.e. the rows entering
-        block i + 1.
+        Each block is the prompt mode's (``PromptModeUnit.block``). After a gated block the prompt rows are already
+        the gated mix (GateVPT eq. 7), i.e. the rows entering block i + 1.
         """
-        family, blocks = self.family, self.backbone.blocks
-        L = len(blocks)
-        last = L - 1 if last is None else last
+        blocks = self.backbone.blocks
+        last = len(blocks) - 1 if last is None else last
         tok = self.embed(x)
         B = tok.shape[0]
         N = tok.shape[1] - self.num_prefix_tokens
         parts = {"C": tok[:, :self.num_prefix_tokens], "X": tok[:, self.num_prefix_tokens:]}
         if self.mask_source is not None:
             parts["M"] = self.mask_token.to(tok.dtype).unsqueeze(0).expand(B, -1, -1)
-        if self.prompt_rows:
+        if self.mode.rows:
             parts["P"] = self.prompts.set(None, B).to(tok.dtype).expand(B, -1, -1)
         order = self.row_order()
-        h = self._assemble(parts, order)
-        shared = family.shared_position_bias(self.backbone)
-        taus = self.temperatures()
-        gates = self.gates.values(B) if self.gates is not None else None
-        Np = self.prompts.length if self.prompts is not None else 0
-        cached: dict[tuple[str, int], torch.Tensor | None] = {}  # shared bias only: expand it once per forward
-
-        def bias_for(rel, order_, prefix=0):
-            if self.per_block_bias:
-                return self.position_bias(rel, order_, N, prefix)
-            if (order_, prefix) not in cached:
-                cached[(order_, prefix)] = self.position_bias(rel, order_, N, prefix)
-            return cached[(order_, prefix)]
-
+        h = self.assemble(parts, order)
+        step = BlockStep(B, N, self.temperatures(), self.mode.begin(self, B), self.family.start(self.backbone))
         for i, blk in enumerate(blocks[:last + 1]):
-            tau = None if taus is None else taus[i]
-            rel = shared
-            if self.per_block_bias:
-                own = family.block_position_bias(blk)
-                rel = own if shared is None else own + shared
-            if self.prompt_mode == "deep":
-                p = self.prompts.set(i, B).to(h.dtype)
-                keep_rows = i == L - 1 and self.readout_pool == "avg_all"
-                if self.deep_form == "prefix" and not keep_rows:
-                    h = family.block(blk, h, p, tau, bias_for(rel, order, prefix=Np))
-                else:
-                    full = self.row_order(with_prompts=True)
-                    y = family.block(blk, self._assemble({**self._split(h, order, N), "P": p.expand(B, -1, -1)},
-                                                         full), None, tau, bias_for(rel, full))
-                    if keep_rows:
-                        h, order = y, full
-                    else:
-                        h = self._assemble(self._split(y, full, N), order)
-            else:
-                h_in = h
-                h = family.block(blk, h, None, tau, bias_for(rel, order))
-                if gates is not None and i < L - 1:  # GateVPT eq. 7: no gate after the last block
-                    g = gates[..., i]
-                    g = g.view(-1, 1, 1) if g.dim() == 1 else g
-                    sl = self.slices(order, N)["P"]
-                    gated = g.to(h.dtype) * h[:, sl] + (1 - g.to(h.dtype)) * h_in[:, sl]
-                    h = torch.cat([h[:, :sl.start], gated, h[:, sl.stop:]], dim=1)
+            step.state["i"] = i
+            h, order = self.mode.block(self, step, i, blk, h, order)
             yield i, h, order, N
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -514,9 +396,7 @@ class PromptedViT(nn.Module):
     @property
     def output_order(self) -> str:
         """Row order of ``forward_features``'s output."""
-        if self.prompt_mode == "deep":
-            return self.row_order(with_prompts=self.readout_pool == "avg_all")
-        return self.row_order()
+        return self.row_order(with_prompts=self.mode.output_rows(self))
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
         """Pool then norm: (B, T, D) tokens from ``forward_features`` -> (B, D) features for the head."""
@@ -745,3 +625,35 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 def format_parameter_summary(trainable: int, total: int) -> str:
     """``trainable params: 1,234 || all params: 86,000,000 || trainable%: 0.0014`` (peft's format)."""
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def _as_config(config, args: tuple, options: dict) -> ModelConfig:
+    """The ``ModelConfig`` of a constructor call: ``config`` itself, or built from the keyword form (K first, then
+    ``POSITIONAL_OPTIONS`` in order, then keywords). ``generator``/``prompt_values`` given positionally or as
+    keywords are left in ``options`` for the constructor.
+
+    Raises:
+        TypeError: an unknown keyword, or options given twice.
+    """
+    if isinstance(config, ModelConfig):
+        if args or set(options) - {"generator", "prompt_values"}:
+            raise TypeError("PromptedViT: give the options in the ModelConfig or as keywords, not both")
+        return config
+    if len(args) > len(POSITIONAL_OPTIONS):
+        raise TypeError(f"PromptedViT: at most {len(POSITIONAL_OPTIONS) + 2} positional arguments")
+    for name, value in zip(POSITIONAL_OPTIONS, args):
+        if name in options:
+            raise TypeError(f"PromptedViT: {name} given twice")
+        options[name] = value
+    if "num_classes" in options and config is not None:
+        raise TypeError("PromptedViT: num_classes given twice")
+    names = set(field_names())
+    unknown = sorted(set(options) - names - {"generator", "prompt_values"})
+    if unknown:
+        raise TypeError(f"PromptedViT: unexpected keyword argument {unknown[0]!r}")
+    kw = {k: options.pop(k) for k in list(options) if k in names}
+    if config is not None:
+        kw["num_classes"] = config
+    if "temperature_range" in kw:
+        kw["temperature_range"] = tuple(float(v) for v in kw["temperature_range"])
+    return ModelConfig(**kw)

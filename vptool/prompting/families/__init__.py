@@ -4,10 +4,9 @@ A family's ops file says, for one timm model class, how to
 
 - ``embed`` images into the token sequence (patch embedding, prefix tokens: CLS and any register tokens, and
   absolute position embeddings), (B, 3, H, W) -> (B, n_prefix + N, D);
-- run one ``block`` with prefix keys/values, a temperature and an additive attention bias
-  (``vptool.prompting.attention.prompted_attention`` plus the family's residual branch);
-- give the **relative position bias** over CLS + patches, shared by all blocks and/or per block, (H, 1+N, 1+N),
-  or None for families with absolute positions only;
+- run one ``block`` on a sequence whose row layout it is told (``RowLayout``: class, patch, prompt and [MASK] rows),
+  with prefix keys/values and a temperature (``vptool.prompting.attention.prompted_attention`` plus the family's
+  residual branch), placing its own position signal (BEiT: the relative position bias) on those rows;
 - name the backbone's final norm (the ``pretrained`` readout norm).
 
 ``family_for(backbone)`` picks the ops file by the backbone's class, at build time (``build_backbone`` and
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from vptool.errors import UserError
+from vptool.prompting.layout import RowLayout
 
 
 class Family:
@@ -46,23 +46,25 @@ class Family:
         """(B, 3, H, W) images -> (B, n_prefix + N, D) tokens entering block 1."""
         raise NotImplementedError
 
-    def block(self, blk: nn.Module, x: torch.Tensor, prefix: torch.Tensor | None = None,
-              temperature: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """One block on (B, T, D) tokens -> (B, T, D); ``prefix`` (B or 1, Np, D) adds keys/values only,
-        ``temperature`` divides the logits, ``attn_bias`` (B or 1, H, T, Np + T) is added to them."""
+    def start(self, backbone: nn.Module) -> dict:
+        """Per-forward state the blocks of one forward share (``block``'s ``state``): e.g. a position bias every
+        block uses, computed once. Default: nothing."""
+        return {}
+
+    def block(self, blk: nn.Module, x: torch.Tensor, layout: RowLayout, prefix: torch.Tensor | None = None,
+              temperature: torch.Tensor | None = None, state: dict | None = None) -> torch.Tensor:
+        """One block on (B, T, D) tokens -> (B, T, D).
+
+        Args:
+            blk: the block.
+            x: (B, T, D) rows laid out as ``layout`` says (class and patch tokens, prompt and [MASK] rows).
+            layout: which rows are what (``vptool.prompting.layout.RowLayout``); the family places its position
+                signal from it (e.g. BEiT's relative bias on the class and patch rows only).
+            prefix: (B or 1, Np, D) prompts that add keys/values only (VPT-deep's prefix form).
+            temperature: tau dividing the attention logits (GateVPT eq. 9).
+            state: what ``start`` returned for this forward.
+        """
         raise NotImplementedError
-
-    def shared_position_bias(self, backbone: nn.Module) -> torch.Tensor | None:
-        """The relative position bias every block shares, (H, 1+N, 1+N), or None."""
-        return None
-
-    def block_position_bias(self, blk: nn.Module) -> torch.Tensor | None:
-        """The block's own relative position bias, (H, 1+N, 1+N), or None."""
-        return None
-
-    def has_block_position_bias(self, backbone: nn.Module) -> bool:
-        """Whether any block has its own relative position bias (fine-tuned BEiT checkpoints)."""
-        return False
 
     def final_norm(self, backbone: nn.Module) -> nn.Module:
         """The backbone's final norm (``norm``, or ``fc_norm`` where ``norm`` is an Identity)."""

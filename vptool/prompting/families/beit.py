@@ -15,6 +15,7 @@ from torch import nn
 
 from vptool.prompting.attention import prompted_attention
 from vptool.prompting.families import Family
+from vptool.prompting.layout import RowLayout
 
 
 def beit_problem(model: nn.Module) -> str | None:
@@ -38,19 +39,38 @@ class BeitOps(Family):
             x = x + backbone.pos_embed
         return backbone.pos_drop(x)
 
-    def block(self, blk: nn.Module, x: torch.Tensor, prefix: torch.Tensor | None = None,
-              temperature: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def start(self, backbone: nn.Module) -> dict:
+        """The shared relative position bias (H, 1+N, 1+N) or None, and a cache of its expansions per layout."""
+        return {"shared": self.shared_position_bias(backbone), "expanded": {}}
+
+    def block(self, blk: nn.Module, x: torch.Tensor, layout: RowLayout, prefix: torch.Tensor | None = None,
+              temperature: torch.Tensor | None = None, state: dict | None = None) -> torch.Tensor:
+        state = state if state is not None else {"shared": None, "expanded": {}}
         attn = blk.attn
         w = attn.qkv.weight
         b = None if attn.q_bias is None else torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
         o = prompted_attention(attn, blk.norm1(x), w, b, None if prefix is None else blk.norm1(prefix),
-                               temperature, attn_bias)
+                               temperature, self.attention_bias(blk, layout, state))
         o = attn.proj_drop(attn.proj(o))
         if blk.gamma_1 is not None:
             o = blk.gamma_1 * o
         x = x + blk.drop_path1(o)
         m = blk.mlp(blk.norm2(x))
         return x + blk.drop_path2(m if blk.gamma_2 is None else blk.gamma_2 * m)
+
+    def attention_bias(self, blk: nn.Module, layout: RowLayout, state: dict) -> torch.Tensor | None:
+        """The block's relative position bias (its own plus the shared one) laid out over ``layout``'s rows:
+        (1, H, T, prefix + T), or None without one. The shared bias alone is expanded once per layout and
+        forward (``state``)."""
+        own, shared = self.block_position_bias(blk), state.get("shared")
+        if own is None:
+            if shared is None:
+                return None
+            cache = state.setdefault("expanded", {})
+            if layout.key not in cache:
+                cache[layout.key] = expand_position_bias(shared, layout)
+            return cache[layout.key]
+        return expand_position_bias(own if shared is None else own + shared, layout)
 
     def shared_position_bias(self, backbone: nn.Module) -> torch.Tensor | None:
         rpb = getattr(backbone, "rel_pos_bias", None)
@@ -63,3 +83,18 @@ class BeitOps(Family):
 
     def has_block_position_bias(self, backbone: nn.Module) -> bool:
         return any(getattr(b.attn, "relative_position_bias_table", None) is not None for b in backbone.blocks)
+
+
+def expand_position_bias(rel: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """Expand a (H, 1+N, 1+N) class + patch relative position bias to the rows of ``layout``.
+
+    Returns (1, H, T, prefix + T): the bias between class/patch rows where they sit, zero for every pair involving
+    a prompt or [MASK] row, and ``layout.prefix`` leading zero columns (deep prompts' keys; VPTM §4).
+    """
+    sl = layout.slices()
+    idx = torch.cat([torch.arange(sl["C"].start, sl["C"].stop), torch.arange(sl["X"].start, sl["X"].stop)])
+    idx = idx.to(rel.device)
+    T, prefix = layout.rows, layout.prefix
+    full = rel.new_zeros(rel.shape[0], T, prefix + T)
+    full[:, idx[:, None], prefix + idx[None, :]] = rel
+    return full.unsqueeze(0)

@@ -14,6 +14,7 @@ from torch import nn
 
 from vptool.prompting.attention import prompted_attention
 from vptool.prompting.families import Family
+from vptool.prompting.layout import RowLayout
 
 
 def vit_problem(model: nn.Module) -> str | None:
@@ -40,14 +41,15 @@ class VitOps(Family):
         x = backbone.patch_drop(x)
         return backbone.norm_pre(x)
 
-    def block(self, blk: nn.Module, x: torch.Tensor, prefix: torch.Tensor | None = None,
-              temperature: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        if prefix is None and temperature is None and attn_bias is None:
+    def block(self, blk: nn.Module, x: torch.Tensor, layout: RowLayout, prefix: torch.Tensor | None = None,
+              temperature: torch.Tensor | None = None, state: dict | None = None) -> torch.Tensor:
+        """timm's block; absolute positions only, so the layout needs no position signal here."""
+        if prefix is None and temperature is None:
             return blk(x)  # timm's own forward (fused attention)
         attn = blk.attn
         h = blk.norm1(x)
         o = prompted_attention(attn, h, attn.qkv.weight, attn.qkv.bias,
-                               None if prefix is None else blk.norm1(prefix), temperature, attn_bias)
+                               None if prefix is None else blk.norm1(prefix), temperature, None)
         o = attn.norm(o)
         if getattr(attn, "gate", None) is not None:
             o = o * attn.gate(h).sigmoid()

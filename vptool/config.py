@@ -1,0 +1,188 @@
+"""``ModelConfig``: the one typed config of the prompted model (no torch).
+
+As peft's ``PeftConfig``, one dataclass is three things at once:
+
+- the **constructor input**: ``PromptedViT(backbone, ModelConfig(prompt_mode="deep", num_classes=200))``;
+- the **schema**: each field declares its type (a ``vptool.options`` choice table), default and help once; the
+  recipe's sections take the same declaration for their model keys (``recipe_field``), so a value the recipe
+  refuses is refused in Python too, with the same allowed values named;
+- the **saved form**: ``to_dict()`` is ``adapter_config.json``'s ``"model"`` section, ``from_dict()`` reads it
+  back (leniently: keys another vptool version wrote are returned, for a warning, not refused).
+
+Each field names the recipe key that sets it (``key``), so ``ModelConfig.from_recipe(recipe)`` needs no table
+of its own. Shapes: Np prompt tokens per set, D width, K classes, L blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from vptool.options import (
+    DeepForm,
+    GateKind,
+    HeadInit,
+    HeadType,
+    MaskToken,
+    PromptInit,
+    PromptMode,
+    ReadoutNorm,
+    ReadoutPool,
+    Temperature,
+    Tune,
+    check_choice,
+)
+
+
+def option(default: Any, help: str, key: str | tuple[str, ...] | None = None, saved: bool = True):
+    """A ``ModelConfig`` field: its default, help, the recipe key(s) that set it, and whether ``to_dict`` saves it."""
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: default, metadata={"help": help, "key": key, "saved": saved})
+    return field(default=default, metadata={"help": help, "key": key, "saved": saved})
+
+
+@dataclass
+class ModelConfig:
+    """The options of one ``PromptedViT`` (DESIGN.md §1): every method is a point of this space.
+
+    Raises (``validate``, run by the constructor of ``PromptedViT``):
+        ValueError: an option outside its allowed values; the message names the option, the value and every
+            allowed value (``vptool.options.check_choice``).
+    """
+
+    num_classes: Optional[int] = option(None, "K, the classes the head scores", saved=False)
+    prompt_mode: PromptMode = option(
+        "none", "none | shallow (VPT eq. 4-5) | deep (VPT eq. 7) | gated (GateVPT eq. 6-8: shallow + gates)",
+        "prompt.mode")
+    prompt_length: int = option(10, "Np, prompt tokens per set", "prompt.length")
+    prompt_init: PromptInit = option(
+        "xavier", "xavier (VPT) | zeros (VPTM) | file (an init-prompts output, prompt.init_file) | an SPT strategy "
+                  "built when training starts: kmeans | mean-pool | max-pool | random (SPT §3.3-3.4)", "prompt.init")
+    prompt_file: Optional[str] = option(None, "init: file -> safetensors with prompts.shallow / prompts.deep",
+                                        "prompt.init_file", saved=False)
+    prompt_dropout: float = option(0.0, "dropout on each prompt set when inserted (train mode only)",
+                                   "prompt.dropout")
+    prompt_trainable: bool = option(True, "false freezes the prompts (head only, SPT Tab. 4a)", "prompt.trainable")
+    gate_init: float = option(5.0, "gated: gate priors start at -gate_init (GateVPT official code; Table 5 per "
+                                   "task)", "prompt.gate_init")
+    gate_kind: GateKind = option("soft", "gated: soft sigmoid gates | hard (straight-through Gumbel-sigmoid)",
+                                 "prompt.gate")
+    temperature: Temperature = option(
+        "fixed", "fixed (tau = 1) | learnable (one tau per block, GateVPT eq. 9)", "attention.temperature")
+    temperature_range: tuple = option(
+        (0.01, 10.0), "learnable temperature (lower, upper) clamp (official GateVPT code)",
+        ("attention.temperature_min", "attention.temperature_max"))
+    mask_token: MaskToken = option(
+        "none", "[MASK] token (VPTM): none | auto (pretrained if the backbone has one, else learnable) | "
+                "pretrained | learnable", "tokens.mask")
+    token_order: Optional[str] = option(
+        None, "token order over C (class), X (patches), P (prompts), M (mask), C first; default CPX, or CXPM with a "
+              "mask token (VPTM Table 5: CXPM CXMP CPMX CMPX)", "tokens.order")
+    readout_pool: ReadoutPool = option(
+        "cls", "cls | avg (patch tokens) | avg_all (every token after CLS, prompts included) | mask (VPTM h[MASK])",
+        "readout.pool")
+    readout_norm: ReadoutNorm = option(
+        "pretrained", "pretrained (backbone's final norm) | fresh (new LayerNorm, MAE fc_norm) | none",
+        "readout.norm")
+    head: HeadType = option("linear", "linear | verbalizer (VPTM eq. 7-9) | mlp1 | mlp2 (VPTM Table 4 baselines)",
+                            "head.type")
+    head_dim: int = option(128, "verbalizer prototype width t (VPTM default 128) or the mlp2 hidden width",
+                           "head.dim")
+    head_init: HeadInit = option(
+        "trunc_normal", "trunc_normal (std 0.02, zero bias) | official (the VPT/GateVPT code: kaiming-normal "
+                        "fan_out weights, logit bias -log(99))", "head.init")
+    tune: Tune = option("prompts", "prompts (+head) | head (linear probe) | all (full fine-tune)", "train.tune")
+    deep_form: DeepForm = option("prefix", "deep prompts as prefix keys/values (prefix) or concatenated rows "
+                                           "(concat, the reference form for tests and benchmarks)")
+
+    # ------------------------------------------------------------------------------------------- checks
+    def validate(self) -> ModelConfig:
+        """Check every choice against its table; a copy with the numbers in their types (``prompt_length: 10.0``
+        -> 10, the temperature range a float pair).
+
+        Raises:
+            ValueError: one line naming the option, the bad value and every allowed value.
+        """
+        for name, tp in choice_fields().items():
+            check_choice(name, getattr(self, name), tp)
+        return dataclasses.replace(
+            self, prompt_length=int(self.prompt_length), prompt_dropout=float(self.prompt_dropout),
+            prompt_trainable=bool(self.prompt_trainable), gate_init=float(self.gate_init),
+            temperature_range=tuple(float(v) for v in self.temperature_range), head_dim=int(self.head_dim))
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with ``changes`` applied (``dataclasses.replace``).
+
+        Raises:
+            ValueError: an unknown option (named, with the options there are).
+        """
+        unknown = sorted(set(changes) - set(field_names()))
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r}; options: {', '.join(sorted(field_names()))}")
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------------------------- saved form
+    def to_dict(self) -> dict:
+        """``adapter_config.json``'s ``"model"`` section: every saved option, JSON types only."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata["saved"]:
+                v = getattr(self, f.name)
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, **given) -> tuple[ModelConfig, list[str]]:
+        """Read a saved ``"model"`` section (or ``PromptedViT`` keywords): ``(config, unknown keys)``.
+
+        Keys this version does not know are returned, not refused (saved artifacts are read leniently);
+        ``given`` (e.g. ``num_classes``) wins over ``data``. Values are not validated here (``validate``).
+        """
+        names = set(field_names())
+        known = {k: v for k, v in {**data, **given}.items() if k in names}
+        if "temperature_range" in known and known["temperature_range"] is not None:
+            known["temperature_range"] = tuple(float(v) for v in known["temperature_range"])
+        return cls(**known), sorted(set(data) - names)
+
+    @classmethod
+    def from_recipe(cls, recipe, **given) -> ModelConfig:
+        """The model options a recipe (a ``vptool.recipe.Recipe`` or its ``to_dict()`` mapping) sets, each read
+        at the recipe key its field names; ``given`` (``num_classes``, ...) wins."""
+        d = recipe if isinstance(recipe, dict) else recipe.to_dict()
+        values = {}
+        for f in dataclasses.fields(cls):
+            key = f.metadata["key"]
+            if key is None:
+                continue
+            keys = key if isinstance(key, tuple) else (key,)
+            got = tuple(_at(d, k) for k in keys)
+            values[f.name] = got if isinstance(key, tuple) else got[0]
+        return cls(**{**values, **given})
+
+
+def _at(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def field_names() -> tuple[str, ...]:
+    """Every ``ModelConfig`` option, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def choice_fields() -> dict[str, Any]:
+    """The options that are choices, and their ``vptool.options`` tables."""
+    hints = typing.get_type_hints(ModelConfig)
+    return {name: tp for name, tp in hints.items() if typing.get_origin(tp) is typing.Literal}
+
+
+def recipe_field(name: str, **changes):
+    """A recipe section's field declared by ``ModelConfig.<name>``: the same default and help (``changes``
+    overrides, e.g. the recipe's ``auto`` default for the readout); the section's annotation gives the type."""
+    f = {x.name: x for x in dataclasses.fields(ModelConfig)}[name]
+    default = changes.get("default", f.default)
+    md = {"help": changes.get("help", f.metadata["help"]), "required": False, "model": name}
+    return field(default=default, metadata=md)
