@@ -254,7 +254,7 @@ def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
         raise
 
 
-def _is_other_model(name: str, family: FamilySpec) -> bool:
+def _outside_family(name: str, family: FamilySpec) -> bool:
     """``name`` is embedded or a known timm model outside ``family``'s timm module (unknown names are not)."""
     import timm
 
@@ -491,7 +491,7 @@ def _read_file(name: str, path: Path, key: str, format: str,
     sd = read_state_dict(path, key)
     fmt = _choose_format(sd, format, path, key)
     family, spec = checkpoint_formats()[fmt]
-    if spec.own_models_only and _is_other_model(name, family):  # an unknown name: _create_timm's did-you-mean
+    if spec.own_models_only and _outside_family(name, family):  # an unknown name: _create_timm's did-you-mean
         raise UserError(f"backbone.name: {name!r} cannot hold the {spec.title} checkpoint "
                         f"{path}; set backbone.name to {family.models}")
     return sd, fmt, family.constructor_kwargs(fmt, kwargs)
