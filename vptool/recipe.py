@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from vptool.backbones.kwargs import SIZE_KWARGS, backbone_kwargs_problems, short_repr  # noqa: F401 (re-exported)
 from vptool.config import ModelConfig, recipe_field
 from vptool.data.catalog import dataset_problem, expected_classes
 from vptool.errors import RecipeError, UserError
@@ -300,18 +301,6 @@ def _suggest(key: str, siblings: list[str], prefix: str) -> str:
     return f"; valid keys here: {', '.join(siblings)}"
 
 
-def short_repr(value, limit: int = 60) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, so an error line stays one readable line however big the
-    value (a YAML alias bomb expands to megabytes)."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring = r.maxother = r.maxlong = limit
-    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple = 2, 4, 4, 4
-    text = r.repr(value)
-    return text if len(text) <= limit + 10 else text[:limit] + "..."
-
-
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -474,27 +463,6 @@ def _cross_checks(r: Recipe) -> list[str]:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         e.append(f"train.device: {dev!r} is not auto, cpu, cuda or cuda:N")
     return e
-
-
-#: ViT size arguments that must be positive integers (img_size may also be a pair).
-SIZE_KWARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans")
-
-
-def backbone_kwargs_problems(kwargs: dict) -> list[str]:
-    """``backbone.kwargs`` size arguments that cannot build a ViT (``depth: -1``, ``embed_dim: 0``, ...): each
-    must be a positive integer or a non-empty list of them (a pair for ``img_size``, per-stage lists elsewhere)."""
-    out = []
-    for k in SIZE_KWARGS:
-        if k not in kwargs:
-            continue
-        v = kwargs[k]
-        values = list(v) if isinstance(v, (list, tuple)) and len(v) > 0 else [v]
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values):
-            out.append(f"backbone.kwargs.{k}: {short_repr(v)} must be a positive integer")
-    mlp = kwargs.get("mlp_ratio")
-    if mlp is not None and (isinstance(mlp, bool) or not isinstance(mlp, (int, float)) or not mlp > 0):
-        out.append(f"backbone.kwargs.mlp_ratio: {short_repr(mlp)} must be a positive number")
-    return out
 
 
 def flat_keys(d: dict, prefix: str = "") -> dict:

@@ -35,17 +35,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vptool.backbones.convert import (
-    BEITV2_INDEX_KEY,
-    CONVERTERS,
-    FORMAT_NORMALIZATION,
-    SIGNATURES,
-    beit_constructor_kwargs,
-    detect_format,
-)
+from vptool.backbones.convert import CONVERTERS, FORMAT_NORMALIZATION, SIGNATURES, detect_format
 from vptool.backbones.embedded import EMBEDDED
+from vptool.backbones.kwargs import backbone_kwargs_problems
 from vptool.errors import UserError
+from vptool.prompting.families import FamilySpec, checkpoint_formats, family_for, family_named
+from vptool.prompting.families.vit import MAE_ENCODER_KEYS, looks_like_mae_encoder
 from vptool.safeload import is_refusal, refusal, torch_load
+
+__all__ = ["IGNORED_PREFIXES", "MAE_ENCODER_KEYS", "BackboneInfo", "HUB_FILENAMES", "build_backbone",
+           "check_supported", "load_strict", "looks_like_mae_encoder", "read_state_dict", "sha256_file"]
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +223,6 @@ def check_supported(model: nn.Module, name: str) -> None:
     Raises:
         UserError: one line naming ``backbone.name``, why, and what is supported.
     """
-    from vptool.prompting.families import family_for
-
     family_for(model, name)
 
 
@@ -257,51 +254,11 @@ def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
         raise
 
 
-def _is_other_model(name: str) -> bool:
-    """``name`` is embedded or a known timm model outside ``timm.models.beit`` (unknown names are not)."""
+def _outside_family(name: str, family: FamilySpec) -> bool:
+    """``name`` is embedded or a known timm model outside ``family``'s timm module (unknown names are not)."""
     import timm
 
-    return name in EMBEDDED or (timm.is_model(name) and name not in timm.list_models(module="beit"))
-
-
-def _format_kwargs(fmt: str, kwargs: dict) -> dict:
-    """Merge the constructor kwargs a checkpoint layout requires into the user's ``backbone.kwargs``.
-
-    The layout kwargs win: a user kwarg that would change the layout (``use_abs_pos_emb``, ``use_rel_pos_bias``,
-    ``use_shared_rel_pos_bias``, ``use_fc_norm``, ``qkv_bias``) to another value is an error, not silently
-    overridden. ``init_values`` is the exception: any non-zero user value is kept (loading overwrites it).
-    Size kwargs (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ...) pass through.
-
-    Raises:
-        UserError: a user kwarg contradicts the layout, naming ``backbone.kwargs.<key>``.
-    """
-    need = beit_constructor_kwargs(fmt)
-    for k, v in kwargs.items():
-        if k == "init_values":
-            if not v:
-                raise UserError(f"backbone.kwargs.init_values: {v!r} disables layer scale but the {fmt} checkpoint "
-                                "has gamma_1/gamma_2; remove init_values or set it non-zero")
-        elif k in need and v != need[k]:
-            raise UserError(f"backbone.kwargs.{k}: {v!r} conflicts with the {fmt} checkpoint layout (needs "
-                            f"{need[k]!r}); remove {k} from backbone.kwargs")
-    return {**need, **kwargs}
-
-
-def _check_rel_pos_index(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """The file's ``rel_pos_bias.relative_position_index`` (if any) must equal the one timm recomputed.
-
-    Raises:
-        UserError: the indices differ in shape or value (the table would be read in a different order).
-    """
-    file_idx = sd.get(BEITV2_INDEX_KEY)
-    rpb = getattr(model, "rel_pos_bias", None)
-    if file_idx is None or rpb is None:
-        return
-    own = rpb.relative_position_index
-    if file_idx.shape != own.shape or not torch.equal(file_idx.to(own.dtype), own):
-        raise UserError(f"backbone.checkpoint: {source}: {BEITV2_INDEX_KEY} {tuple(file_idx.shape)} differs from "
-                        f"the index timm computes for the model {tuple(own.shape)}; check backbone.kwargs "
-                        "img_size/patch_size against the checkpoint")
+    return name in EMBEDDED or (timm.is_model(name) and name not in timm.list_models(module=family.timm_module))
 
 
 #: weight files looked for in a timm model's Hugging Face repo, in timm's order of preference.
@@ -424,7 +381,7 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
     - ``"timm"``, ``"mae"``, ``"mocov3"``, ``"mocov3-linear"``, ``"jax-npz"``: the model is built from
       ``name``/``kwargs`` and the converted state dict loaded (decoders, projectors, heads dropped);
     - ``"beitv2-pretrain"``: ``name`` must be a timm BEiT model (``beitv2_base_patch16_224``); it is built with
-      ``convert.beit_constructor_kwargs`` merged over ``kwargs`` (no absolute position embedding, shared
+      ``families.beit.beit_constructor_kwargs`` merged over ``kwargs`` (no absolute position embedding, shared
       relative position bias, final norm, layer scale; a conflicting user kwarg is an error), and
       ``mask_token``/``lm_head.*`` are returned in ``info.extras``.
 
@@ -465,8 +422,9 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
     model.eval()
     norm_fmt = fmt if fmt is not None else (None if format == "auto" else format)
     cfg = _data_config(model, norm_fmt)
-    if sd is not None and format == "auto" and fmt == "timm":
-        _warn_mae_encoder(name, sd, ckpt_path, ckpt_key, cfg)
+    after_auto_load = checkpoint_formats()[fmt][1].after_auto_load if fmt is not None else None
+    if sd is not None and format == "auto" and after_auto_load is not None:
+        after_auto_load(name, sd, ckpt_path, ckpt_key, cfg)  # e.g. the ViT family's MAE-encoder normalisation hint
     info = BackboneInfo(name=name, checkpoint=str(ckpt_path) if ckpt_path else None, checkpoint_sha256=sha,
                         data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                         format=fmt, extras=extras)
@@ -474,7 +432,7 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | None = 
 
 
 def _checked_request(format: str, kwargs: dict | None) -> dict:
-    """A copy of ``kwargs`` once ``format`` is known and the kwargs pass ``recipe.backbone_kwargs_problems``.
+    """A copy of ``kwargs`` once ``format`` is known and the kwargs pass ``kwargs.backbone_kwargs_problems``.
 
     Raises:
         UserError: an unknown ``backbone.format``, or the first problem with ``backbone.kwargs``.
@@ -482,8 +440,6 @@ def _checked_request(format: str, kwargs: dict | None) -> dict:
     if format != "auto" and format not in CONVERTERS:
         raise UserError(f"backbone.format: unknown format {format!r}; choose auto or one of {', '.join(CONVERTERS)}")
     kwargs = dict(kwargs or {})
-    from vptool.recipe import backbone_kwargs_problems
-
     problems = backbone_kwargs_problems(kwargs)
     if problems:
         raise UserError(problems[0])
@@ -524,21 +480,21 @@ def _read_file(name: str, path: Path, key: str, format: str,
                kwargs: dict) -> tuple[dict[str, torch.Tensor], str, dict]:
     """Read the weights file and choose its layout: ``(raw state dict, format, constructor kwargs)``.
 
-    The kwargs are ``kwargs`` itself, or for ``beitv2-pretrain`` the layout's kwargs merged over them
-    (``_format_kwargs``).
+    The kwargs are the format's family's ``constructor_kwargs`` for it: ``kwargs`` itself for a ViT format, for
+    ``beitv2-pretrain`` the layout's kwargs merged over them (``families.beit.merge_constructor_kwargs``).
 
     Raises:
-        UserError: an unreadable file (``read_state_dict``), an explicit format the file does not have, or a BEiT v2
-            pretraining file under a name that is not a timm BEiT model.
+        UserError: an unreadable file (``read_state_dict``), an explicit format the file does not have, a file only
+            its family's models can hold (BEiT v2 pretraining) under a name that is not one of them, or a user
+            kwarg that contradicts the layout.
     """
     sd = read_state_dict(path, key)
     fmt = _choose_format(sd, format, path, key)
-    if fmt == "beitv2-pretrain":
-        if _is_other_model(name):  # an unknown name falls through to _create_timm's did-you-mean
-            raise UserError(f"backbone.name: {name!r} cannot hold the BEiT v2 pretraining checkpoint "
-                            f"{path}; set backbone.name to a timm BEiT model, e.g. beitv2_base_patch16_224")
-        kwargs = _format_kwargs(fmt, kwargs)
-    return sd, fmt, kwargs
+    family, spec = checkpoint_formats()[fmt]
+    if spec.own_models_only and _outside_family(name, family):  # an unknown name: _create_timm's did-you-mean
+        raise UserError(f"backbone.name: {name!r} cannot hold the {spec.title} checkpoint "
+                        f"{path}; set backbone.name to {family.models}")
+    return sd, fmt, family.constructor_kwargs(fmt, kwargs)
 
 
 def _construct(name: str, timm_pretrained: bool, kwargs: dict) -> nn.Module:
@@ -571,44 +527,14 @@ def _load_file(model: nn.Module, sd: dict[str, torch.Tensor], fmt: str, path: Pa
     """Convert ``sd`` from ``fmt`` and load it strictly into ``model``; returns the converter's extras.
 
     Raises:
-        UserError: a key or shape mismatch (``load_strict``), or a BEiT position index that differs.
+        UserError: a key or shape mismatch (``load_strict``), or the model's family's ``check_loaded`` (a BEiT
+            position index that differs).
     """
     timm_sd, extras, ignored = CONVERTERS[fmt](sd)
     load_strict(model, timm_sd, str(path), key=key, name=name)
-    _check_rel_pos_index(model, sd, str(path))
+    check_loaded = family_named(family_for(model, name).name).check_loaded
+    if check_loaded is not None:
+        check_loaded(model, sd, str(path))
     if ignored:
         log.info("%s: %s checkpoint, ignored keys: %s", path, fmt, ", ".join(ignored))
     return extras
-
-
-#: the keys of MAE's encoder-only release (``mae_pretrain_vit_base.pth``) beyond the blocks: CHECKPOINTS.md
-MAE_ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
-                    "norm.bias")
-
-
-def looks_like_mae_encoder(sd: dict[str, torch.Tensor]) -> bool:
-    """The keys are exactly MAE's encoder-only release: the common ViT layout with ``norm.*`` and nothing else
-    (no ``head.*``, no ``fc_norm.*``, no decoder, no ``mask_token``), as ``mae_pretrain_vit_base.pth``."""
-    if not all(k in sd for k in MAE_ENCODER_KEYS):
-        return False
-    return all(k in MAE_ENCODER_KEYS or k.startswith("blocks.") for k in sd)
-
-
-def _warn_mae_encoder(name: str, sd: dict[str, torch.Tensor], path: Path, key: str, cfg: dict) -> None:
-    """One warning when a file with MAE's encoder keys loads under an untagged timm name with a normalisation
-    other than ImageNet's (MAE was pretrained with ImageNet mean/std); ``key`` is the recipe key that named it."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    if name in EMBEDDED or "." in name or not looks_like_mae_encoder(sd):
-        return
-    mean, std = tuple(cfg.get("mean", ())), tuple(cfg.get("std", ()))
-    if (mean, std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)):
-        return
-    log.warning("%s: %s has the keys of MAE's encoder release (mae_pretrain_vit_base.pth: no head, no fc_norm) "
-                "and loads as a timm file with mean %s / std %s, but MAE was pretrained with ImageNet's mean/std; "
-                "if it is MAE, set backbone.format: mae (or name it %s.mae), which also gives it the MAE readout "
-                "under readout auto", key, path, _short(mean), _short(std), name)
-
-
-def _short(values) -> str:
-    return "/".join(f"{v:g}" for v in values)

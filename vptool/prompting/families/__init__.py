@@ -19,13 +19,23 @@ name        timm class                                  ops file
 ``beit``    ``Beit``                                    ``beit.py``: BEiT v1/v2, shared or per-block position bias
 ==========  =========================================  ==========================================================
 
-A new family (EVA, Swin, ...) gets its own ops file and a row in ``FAMILIES``; until then it is refused.
+Besides its ops, a family file holds everything else that is specific to the family, as one ``FamilySpec`` named
+``FAMILY`` at its end: the timm class, its checkpoint formats (``CheckpointFormat``: converter, detection rule,
+signature, normalisation, implied pretraining), the constructor kwargs a format needs, the pretraining rule for
+names, and the readout conventions per pretraining. ``family_table()`` lists them; the generic modules
+(``vptool.backbones.build``/``convert``, ``vptool.conventions``) read that table and name no family or format.
+
+Adding a family: write one file ``vptool/prompting/families/<name>.py`` holding its ``Family`` ops subclass, its
+``<name>_problem`` check, its converters with their detection, its constructor kwargs, its pretraining rule and
+readout rows, all gathered in ``FAMILY = FamilySpec(...)``; then register it with one line, its file name in
+``FAMILY_FILES`` (and drop its class from ``KNOWN_UNSUPPORTED``). Until then a family (EVA, Swin, ...) is refused.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -74,13 +84,7 @@ class Family:
 @functools.cache
 def _families() -> tuple[tuple[type, Family, Callable[[nn.Module], str | None]], ...]:
     """(timm class, its ops, the check that says why a model of that class cannot be prompted), one per family."""
-    from timm.models.beit import Beit
-    from timm.models.vision_transformer import VisionTransformer
-
-    from vptool.prompting.families.beit import BeitOps, beit_problem
-    from vptool.prompting.families.vit import VitOps, vit_problem
-
-    return ((VisionTransformer, VitOps(), vit_problem), (Beit, BeitOps(), beit_problem))
+    return tuple((spec.timm_cls(), spec.ops, spec.problem) for spec in family_table())
 
 
 #: timm model classes that are known and refused, with the reason (one line each).
@@ -117,3 +121,120 @@ def family_for(backbone: nn.Module, name: str | None = None) -> Family:
     if cls_name in KNOWN_UNSUPPORTED:
         raise UserError(f"backbone.name: {label!r} is not supported: {KNOWN_UNSUPPORTED[cls_name]}; {SUPPORTED_TEXT}")
     raise UserError(f"backbone.name: {label!r} ({cls_name}) is not supported yet; {SUPPORTED_TEXT}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The family table: everything a family brings besides its ops, one ``FamilySpec`` per family file.
+# ------------------------------------------------------------------------------------------------------------
+
+#: The registration line: the family files, in table order (``detect_format`` orders formats by ``detect_rank``;
+#: ``pretraining_of`` tries the families' name rules in this order; ``backbone.format`` choices list in it).
+FAMILY_FILES = ("vit", "beit")
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """One on-disk checkpoint layout a family reads (a ``backbone.format`` value).
+
+    Attributes:
+        name: the format name (``backbone.format``, ``BackboneInfo.format``).
+        convert: the pure converter ``raw sd -> (timm_sd, extras, ignored_keys)`` (``vptool.backbones.convert``).
+        signature: the keys an explicitly chosen format must find in a file (may be looser than ``detect``).
+        wants: what ``signature`` looks for, for the error message.
+        detect: ``detect_format``'s rule for the format (None: ``signature``).
+        detect_rank: where the rule is tried in ``detect_format``, over all families (lower first; each format's
+            marker keys occur in no format tried after it).
+        normalization: ``(mean, std)`` the pretraining used, or None (the timm model's own pretrained cfg).
+        pretraining: ``supervised``/``mae``/... the format implies, or None (the name decides).
+        own_models_only: only this family's timm models (``FamilySpec.timm_module``) can hold the file.
+        title: the format in words, for messages (``BEiT v2 pretraining``).
+        after_auto_load: ``(name, raw sd, path, recipe key, data config) -> None``, run after a file detected as
+            this format (``format: auto``) is loaded: may log a warning about a likely mis-detection.
+    """
+
+    name: str
+    convert: Callable[[dict], tuple[dict, dict, list]]
+    signature: Callable[[dict], bool]
+    wants: str
+    detect: Callable[[dict], bool] | None = None
+    detect_rank: int = 100
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    pretraining: str | None = None
+    own_models_only: bool = False
+    title: str = ""
+    after_auto_load: Callable[..., None] | None = None
+
+    def detects(self, sd: dict) -> bool:
+        """``detect_format``'s rule for this format matches ``sd``."""
+        return (self.detect or self.signature)(sd)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A backbone family: its timm class and ops, checkpoint formats, constructor kwargs, pretraining rules and
+    readout conventions (one per family file, as its ``FAMILY``).
+
+    Attributes:
+        name: the family name (``vit``, ``beit``; ``Family.name`` of its ops).
+        timm_class: dotted path of the timm model class (matched exactly by ``family_for``).
+        ops: the family's ``Family`` ops.
+        problem: ``model -> why it cannot be prompted, or None``.
+        formats: the checkpoint formats the family file converts.
+        pretrainings: the pretraining names the family brings (``vptool.conventions.PRETRAINING``).
+        pretraining: ``(backbone name, family name or None) -> pretraining or None``: the family's name rule,
+            tried in table order after the checkpoint format and an embedded backbone's record.
+        readout: ``(convention, pretraining) -> (pool, norm)`` for each of ``pretrainings`` and every
+            convention (``vptool.conventions.readout_defaults``).
+        constructor_kwargs: ``(format, user kwargs) -> kwargs`` timm's ``create_model`` gets for a file of one
+            of the family's formats (raises ``UserError`` on a conflicting user kwarg).
+        check_loaded: ``(model, raw sd, source) -> None`` run after a file is loaded into a model of this
+            family (raises ``UserError``), or None.
+        timm_module: the timm module whose models hold an ``own_models_only`` format (``timm.list_models``).
+        models: which models those are, in words, for messages.
+    """
+
+    name: str
+    timm_class: str
+    ops: Family
+    problem: Callable[[nn.Module], str | None]
+    formats: tuple[CheckpointFormat, ...] = ()
+    pretrainings: tuple[str, ...] = ()
+    pretraining: Callable[[str, str | None], str | None] = lambda name, family: None
+    readout: Mapping[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    constructor_kwargs: Callable[[str, dict], dict] = lambda format, kwargs: kwargs
+    check_loaded: Callable[[nn.Module, dict, str], None] | None = None
+    timm_module: str = ""
+    models: str = ""
+
+    @property
+    def converters(self) -> dict[str, tuple[Callable[[dict], bool], Callable]]:
+        """format name -> (detect, convert)."""
+        return {f.name: (f.detects, f.convert) for f in self.formats}
+
+    def timm_cls(self) -> type:
+        """The timm class ``timm_class`` names (imports timm)."""
+        import importlib
+
+        module, _, cls = self.timm_class.rpartition(".")
+        return getattr(importlib.import_module(module), cls)
+
+
+@functools.cache
+def family_table() -> tuple[FamilySpec, ...]:
+    """Every family's ``FAMILY``, in ``FAMILY_FILES`` order (imports the family files, hence torch and timm)."""
+    import importlib
+
+    return tuple(importlib.import_module(f"{__name__}.{f}").FAMILY for f in FAMILY_FILES)
+
+
+def family_named(name: str) -> FamilySpec:
+    """The family called ``name`` (``vit``, ``beit``); KeyError for another."""
+    for spec in family_table():
+        if spec.name == name:
+            return spec
+    raise KeyError(name)
+
+
+def checkpoint_formats() -> dict[str, tuple[FamilySpec, CheckpointFormat]]:
+    """format name -> (its family, the format), families in table order, each family's formats in its order."""
+    return {f.name: (spec, f) for spec in family_table() for f in spec.formats}

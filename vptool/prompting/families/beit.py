@@ -98,3 +98,149 @@ def expand_position_bias(rel: torch.Tensor, layout: RowLayout) -> torch.Tensor:
     full = rel.new_zeros(rel.shape[0], T, prefix + T)
     full[:, idx[:, None], prefix + idx[None, :]] = rel
     return full.unsqueeze(0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints, constructor arguments, pretraining and readout of the BEiT family (registered as ``FAMILY``).
+# Format ``beitv2-pretrain``: BEiT v2 pretraining, ``beitv2_base_patch16_224_pt1k.pth`` (``shared/CHECKPOINTS.md``).
+# ------------------------------------------------------------------------------------------------------------
+
+from vptool.backbones.statedict import Converted  # noqa: E402  (the family's checkpoint region starts here)
+from vptool.errors import UserError  # noqa: E402
+from vptool.prompting.families import CheckpointFormat, FamilySpec  # noqa: E402
+
+#: BEiT v2 pretraining keys that are kept aside as extras (the [MASK] embedding and the visual-token head).
+BEITV2_EXTRAS = ("mask_token", "lm_head.weight", "lm_head.bias")
+#: BEiT v2 pretraining keys that are dropped: the auxiliary CLS-pretraining blocks and the index buffer that
+#: timm recomputes from the patch grid (``check_rel_pos_index`` checks the file's copy against timm's).
+BEITV2_IGNORED_PREFIXES = ("cls_pt_layers.",)
+BEITV2_INDEX_KEY = "rel_pos_bias.relative_position_index"
+
+
+def is_beitv2(sd: dict) -> bool:
+    """``mask_token`` and a shared ``rel_pos_bias.relative_position_bias_table`` (the keys an explicit
+    ``beitv2-pretrain`` must find; a file without ``lm_head`` is accepted)."""
+    return "mask_token" in sd and "rel_pos_bias.relative_position_bias_table" in sd
+
+
+def is_beitv2_with_head(sd: dict) -> bool:
+    """``detect_format``'s rule: ``is_beitv2`` and an ``lm_head.*`` key."""
+    return is_beitv2(sd) and any(k.startswith("lm_head.") for k in sd)
+
+
+def convert_beitv2_pretrain(sd: dict[str, torch.Tensor]) -> Converted:
+    """BEiT v2 pretraining checkpoint -> timm ``Beit`` with a shared relative position bias.
+
+    The remaining keys (``cls_token``, ``patch_embed.proj.*``, ``rel_pos_bias.relative_position_bias_table``
+    ((2Wh-1)(2Ww-1)+3, H), ``blocks.{i}.{gamma_1,gamma_2,norm1,norm2,attn.q_bias,attn.v_bias,attn.qkv.weight,
+    attn.proj,mlp.fc1,mlp.fc2}``, ``norm.*``) already have timm's names and shapes and are returned unchanged.
+
+    Returns:
+        ``(timm_sd, extras, ignored_keys)``: ``extras`` holds ``mask_token`` (1, 1, D) as float32 and
+        ``lm_head.weight`` (V, D) / ``lm_head.bias`` (V,) where present (V = 8192 visual tokens);
+        ``ignored_keys`` lists ``rel_pos_bias.relative_position_index`` and every ``cls_pt_layers.*`` key.
+    """
+    timm_sd: dict[str, torch.Tensor] = {}
+    extras: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for k, v in sd.items():
+        if k in BEITV2_EXTRAS:
+            extras[k] = v.float() if k == "mask_token" else v
+        elif k == BEITV2_INDEX_KEY or k.startswith(BEITV2_IGNORED_PREFIXES):
+            ignored.append(k)
+        else:
+            timm_sd[k] = v
+    return timm_sd, extras, ignored
+
+
+def beit_constructor_kwargs(format: str) -> dict:
+    """The timm ``Beit`` constructor kwargs a checkpoint layout requires.
+
+    For ``"beitv2-pretrain"``: no absolute position embedding, one relative position bias shared by all blocks
+    (``rel_pos_bias.*``, not per-block tables), the final ``norm.*`` (no ``fc_norm``), separate q/v biases, and
+    layer scale (``init_values`` only has to be non-zero so ``gamma_1``/``gamma_2`` exist; loading overwrites
+    them). Other formats need nothing: ``{}``.
+    """
+    if format == "beitv2-pretrain":
+        return dict(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                    use_fc_norm=False, qkv_bias=True, init_values=0.1)
+    return {}
+
+
+def merge_constructor_kwargs(format: str, kwargs: dict) -> dict:
+    """Merge the constructor kwargs a checkpoint layout requires (``beit_constructor_kwargs``) into the user's
+    ``backbone.kwargs``.
+
+    The layout kwargs win: a user kwarg that would change the layout (``use_abs_pos_emb``, ``use_rel_pos_bias``,
+    ``use_shared_rel_pos_bias``, ``use_fc_norm``, ``qkv_bias``) to another value is an error, not silently
+    overridden. ``init_values`` is the exception: any non-zero user value is kept (loading overwrites it).
+    Size kwargs (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ...) pass through.
+
+    Raises:
+        UserError: a user kwarg contradicts the layout, naming ``backbone.kwargs.<key>``.
+    """
+    need = beit_constructor_kwargs(format)
+    for k, v in kwargs.items():
+        if k == "init_values":
+            if not v:
+                raise UserError(f"backbone.kwargs.init_values: {v!r} disables layer scale but the {format} "
+                                "checkpoint has gamma_1/gamma_2; remove init_values or set it non-zero")
+        elif k in need and v != need[k]:
+            raise UserError(f"backbone.kwargs.{k}: {v!r} conflicts with the {format} checkpoint layout (needs "
+                            f"{need[k]!r}); remove {k} from backbone.kwargs")
+    return {**need, **kwargs}
+
+
+def check_rel_pos_index(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """The file's ``rel_pos_bias.relative_position_index`` (if any) must equal the one timm recomputed.
+
+    Raises:
+        UserError: the indices differ in shape or value (the table would be read in a different order).
+    """
+    file_idx = sd.get(BEITV2_INDEX_KEY)
+    rpb = getattr(model, "rel_pos_bias", None)
+    if file_idx is None or rpb is None:
+        return
+    own = rpb.relative_position_index
+    if file_idx.shape != own.shape or not torch.equal(file_idx.to(own.dtype), own):
+        raise UserError(f"backbone.checkpoint: {source}: {BEITV2_INDEX_KEY} {tuple(file_idx.shape)} differs from "
+                        f"the index timm computes for the model {tuple(own.shape)}; check backbone.kwargs "
+                        "img_size/patch_size against the checkpoint")
+
+
+FAMILY_NAME = BeitOps.name
+
+
+def beit_pretraining(name: str, family: str | None) -> str | None:
+    """``beit`` for a model of this family or a name starting with ``beit``, else None."""
+    return "beit" if family == FAMILY_NAME or name.partition(".")[0].startswith("beit") else None
+
+#: (convention, pretraining) -> (pool, norm) on BEiT: the class token after the pretrained norm, as on supervised
+#: and MoCo v3 ViTs; VPTM reads h[MASK] after the final norm (eq. 7).
+BEIT_READOUT: dict[tuple[str, str], tuple[str, str]] = {
+    ("vpt", "beit"): ("cls", "pretrained"),
+    ("gatevpt", "beit"): ("cls", "pretrained"),
+    ("spt", "beit"): ("cls", "pretrained"),
+    ("vptm", "beit"): ("mask", "pretrained"),
+}
+
+#: the BEiT family: timm ``Beit``, the BEiT v2 pretraining format, the ``beit`` pretraining and its readout rows.
+FAMILY = FamilySpec(
+    name=FAMILY_NAME,
+    timm_class="timm.models.beit.Beit",
+    ops=BeitOps(),
+    problem=beit_problem,
+    formats=(
+        CheckpointFormat("beitv2-pretrain", convert_beitv2_pretrain, is_beitv2,
+                         "mask_token and rel_pos_bias.relative_position_bias_table keys",
+                         detect=is_beitv2_with_head, detect_rank=40, own_models_only=True,
+                         title="BEiT v2 pretraining"),
+    ),
+    pretrainings=("beit",),
+    pretraining=beit_pretraining,
+    readout=BEIT_READOUT,
+    constructor_kwargs=merge_constructor_kwargs,
+    check_loaded=check_rel_pos_index,
+    timm_module="beit",
+    models="a timm BEiT model, e.g. beitv2_base_patch16_224",
+)
