@@ -108,8 +108,10 @@ def test_no_command_is_defined_outside_its_module():
             defined = _top_functions(tree) & {f for _, f in EXPECTED.values()}
             assert not defined, f"{path.name}: defines {sorted(defined)}; they live under vptool/commands/"
     init = _tree(COMMANDS / "__init__.py")
-    imported = {a.name for n in ast.walk(init) if isinstance(n, ast.ImportFrom) and n.module == "vptool.commands"
-                for a in n.names}
+    imported = {a.name.rsplit(".", 1)[-1] for n in ast.walk(init) if isinstance(n, ast.Import) for a in n.names
+                if a.name.startswith("vptool.commands.")}
+    imported |= {a.name for n in ast.walk(init) if isinstance(n, ast.ImportFrom) and n.module == "vptool.commands"
+                 for a in n.names}
     missing = owners - imported
     assert not missing, f"vptool/commands/__init__.py: does not import {sorted(missing)}"
 

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import typer
 
-from vptool.commands import eval as eval_command
-from vptool.commands import export, init_prompts, predict, probe_nmi, sweep, train, version
+import vptool.commands.eval as eval_command
+import vptool.commands.export as export
+import vptool.commands.init_prompts as init_prompts
+import vptool.commands.predict as predict
+import vptool.commands.probe_nmi as probe_nmi
+import vptool.commands.sweep as sweep
+import vptool.commands.train as train
+import vptool.commands.version as version
 from vptool.commands.common import OneLineUsageErrors
 
 #: the command modules, in the order their commands are listed by ``vptool --help``
