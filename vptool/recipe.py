@@ -280,22 +280,26 @@ register_preset("vptm", "VPTM (§4, eq. 6-9): [MASK] token + zero-init shallow p
 
 
 # --------------------------------------------------------------------------------------------------- validation
-def _all_paths(cls, prefix: str = "") -> list[str]:
+def key_paths(cls, prefix: str = "") -> list[str]:
+    """Every key path of the dataclass ``cls`` (sections and leaves, in field order), e.g. ``train``, ``train.lr``."""
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         p = f"{prefix}{f.name}"
         out.append(p)
         if dataclasses.is_dataclass(hints[f.name]):
-            out.extend(_all_paths(hints[f.name], p + "."))
+            out.extend(key_paths(hints[f.name], p + "."))
     return out
+
+
+_all_paths = key_paths  # the former private name (kept for existing callers)
 
 
 def _suggest(key: str, siblings: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
     if close:
         return f"; did you mean {prefix}{close[0]}?"
-    elsewhere = [p for p in _all_paths(Recipe) if p.rsplit(".", 1)[-1] == key]
+    elsewhere = [p for p in key_paths(Recipe) if p.rsplit(".", 1)[-1] == key]
     if elsewhere:
         return f"; did you mean {elsewhere[0]}?"
     return f"; valid keys here: {', '.join(siblings)}"

@@ -19,10 +19,14 @@ from matplotlib.ticker import MaxNLocator
 from vptool.paths import write_atomically
 
 
-def _figure(width: float = 6.4, height: float = 4.2) -> tuple[Figure, object]:
+def figure(width: float = 6.4, height: float = 4.2) -> tuple[Figure, object]:
+    """A Figure of ``width`` x ``height`` inches (120 dpi, constrained layout) on the Agg canvas, and its one axes."""
     fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
+
+
+_figure = figure  # the former private name (kept for existing callers)
 
 
 def _block_ticks(ax, n: int) -> None:
@@ -34,7 +38,7 @@ def nmi_blocks_figure(mean, std, title: str) -> Figure:
     """NMI (mean ± std over images) against block 1..L."""
     mean, std = np.asarray(mean, float), np.asarray(std, float)
     blocks = np.arange(1, len(mean) + 1)
-    fig, ax = _figure()
+    fig, ax = figure()
     ax.plot(blocks, mean, marker="o", color="tab:red", label="mean over images")
     ax.fill_between(blocks, mean - std, mean + std, color="tab:red", alpha=0.2, label="± 1 std")
     ax.set(title=title, xlabel="block", ylabel="NMI(prompts; patch tokens)")
@@ -49,7 +53,7 @@ def nmi_history_figure(epochs, values, title: str) -> Figure:
     values = np.asarray(values, float)
     epochs = np.asarray(epochs)
     L = values.shape[1]
-    fig, ax = _figure(7.2, 4.4)
+    fig, ax = figure(7.2, 4.4)
     cmap = colormaps["viridis"]
     for i in range(L):
         ax.plot(epochs, values[:, i], marker="." if len(epochs) < 30 else None,
@@ -98,7 +102,7 @@ def selection_ratio_figure(ratio, title: str) -> Figure:
     """GateVPT selection ratio r_l (eq. 11) as bars over blocks l = 1..L-1 (GateVPT Fig. 4)."""
     ratio = np.asarray(ratio, float)
     blocks = np.arange(1, len(ratio) + 1)
-    fig, ax = _figure()
+    fig, ax = figure()
     ax.bar(blocks, ratio, color="tab:blue")
     ax.set(title=title, xlabel="block", ylabel="selection ratio r (GateVPT eq. 11)",
            ylim=(0, max(1e-9, float(ratio.max())) * 1.1))
@@ -114,7 +118,7 @@ def confusion_figure(matrix, classes: list[str], title: str) -> Figure:
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     side = min(12.0, 3.0 + 0.3 * K)
-    fig, ax = _figure(side + 1.2, side)
+    fig, ax = figure(side + 1.2, side)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, label="fraction of the true class", shrink=0.8)
     ax.set(title=title, xlabel="predicted class", ylabel="true class")

@@ -31,20 +31,15 @@ from vptool.data import build_splits, make_loader
 from vptool.engine.runtime import autocast, autocast_dtype, resolve_device, seed_everything
 from vptool.errors import UserError
 from vptool.paths import check_new_file
+from vptool.progress import Progress
 from vptool.prompting.kmeans import StreamingKMeans
 from vptool.prompting.model import PromptedViT
 from vptool.prompting.modes import mode_for
 from vptool.prompting.spt import FORMS, SOURCES, STRATEGIES, pool_prompts, sample_prompts
 from vptool.recipe import Recipe
 
-
-class InitObserver:
-    """Progress hooks (the CLI draws rich bars; the library only calls these)."""
-
-    def extract_start(self, batches: int) -> None: ...
-    def extract_step(self) -> None: ...
-    def kmeans_start(self, steps: int) -> None: ...
-    def kmeans_step(self) -> None: ...
+#: the progress hooks prompt construction reports to (the former name of ``vptool.progress.Progress``)
+InitObserver = Progress
 
 
 @dataclass
@@ -128,7 +123,7 @@ def _sync(device: torch.device) -> None:
 
 
 def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: int, device: torch.device,
-                  amp: torch.dtype | None = None, form: str = "paper", observer: InitObserver | None = None,
+                  amp: torch.dtype | None = None, form: str = "paper", observer: Progress | None = None,
                   summary_size: int | None = None):
     """One pass over ``loader``: every patch token of each level in ``levels`` into a ``StreamingKMeans``.
 
@@ -145,7 +140,7 @@ def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: i
     Raises:
         UserError: fewer tokens than k.
     """
-    obs = observer or InitObserver()
+    obs = observer or Progress()
     from vptool.engine import dist
 
     km = StreamingKMeans(k, len(levels), summary_size=summary_size, seed=seed + dist.context().rank)
@@ -202,7 +197,7 @@ def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: i
 
 def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module | None = None,
                       info: BackboneInfo | None = None, device: torch.device | None = None,
-                      observer: InitObserver | None = None) -> tuple[str, torch.Tensor, dict]:
+                      observer: Progress | None = None) -> tuple[str, torch.Tensor, dict]:
     """Build SPT prompts for ``recipe`` (its prompt mode, length, backbone and training split).
 
     Args:
@@ -219,7 +214,7 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
         UserError: bad recipe input (data, checkpoint), no prompts, too few tokens for Np prompts.
     """
     t_start = time.time()
-    obs = observer or InitObserver()
+    obs = observer or Progress()
     name = prompt_tensor_name(recipe)
     from vptool.engine import dist
 

@@ -20,6 +20,7 @@ import torch
 
 from vptool.errors import UserError
 from vptool.inference import Preprocess, expand_inputs, open_source, read_image, top_k_rows
+from vptool.progress import Progress
 
 
 class _Rows:
@@ -78,10 +79,9 @@ def run_predict(source: str | Path, inputs: list[str], top_k: int = 5, batch_siz
             ``output`` that is an input or exists (without ``overwrite``).
     """
     from vptool.adapter import read_config
-    from vptool.engine.train import Observer
     from vptool.paths import write_text_atomically
 
-    obs = observer or Observer()
+    obs = observer or Progress()
     t0 = time.time()
     paths = expand_inputs(inputs, stdin)
     src = Path(source)
@@ -100,9 +100,7 @@ def run_predict(source: str | Path, inputs: list[str], top_k: int = 5, batch_siz
     elif not src.is_file():
         raise UserError(f"{src}: not found; pass an .onnx file from vptool export, a run directory or an adapter "
                         "folder")
-    progress = getattr(obs, "progress", None)
-    if progress is not None:
-        progress.start()
+    obs.start()
     try:
         if not skip_bad:
             _precheck(paths, obs)
@@ -133,8 +131,7 @@ def run_predict(source: str | Path, inputs: list[str], top_k: int = 5, batch_siz
                 obs.eval_step()
             rows.flush()
     finally:
-        if progress is not None:
-            progress.stop()
+        obs.stop()
     if output is not None:
         write_text_atomically(output, buf.getvalue())
     return {"images": len(paths), "bad": bad, "seconds": round(time.time() - t0, 3),

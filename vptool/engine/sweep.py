@@ -133,9 +133,9 @@ class Grid:
 
 def _recipe_keys() -> tuple[list[str], set[str]]:
     """(every leaf key of the recipe schema, the section names)."""
-    from vptool.recipe import Recipe, _all_paths
+    from vptool.recipe import Recipe, key_paths
 
-    paths = _all_paths(Recipe)
+    paths = key_paths(Recipe)
     sections = {p.rsplit(".", 1)[0] for p in paths if "." in p}
     return [p for p in paths if p not in sections], sections
 
@@ -335,6 +335,20 @@ def _only_empty_dirs(path: Path) -> bool:
     return path.is_dir() and all(p.is_dir() for p in path.rglob("*"))
 
 
+def _clear_empty_run(run: Path) -> None:
+    """Remove a trial's folder that holds only empty folders (a train killed right after creating it).
+
+    Raises:
+        TrialFailed: the folder holds something else (not a vptool run directory).
+    """
+    if not _only_empty_dirs(run):
+        raise TrialFailed(f"{run} exists and is not a vptool run directory (no recipe.yaml); delete it, or "
+                          "sweep under another name with --set output.name=NEW")
+    for d in sorted(run.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [run]:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # a train killed right after creating the folder: nothing in it
+
+
 def _signame(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -427,6 +441,7 @@ class Sweep:
         self._child: subprocess.Popen | None = None
         self._forwarded = 0
         self.study = self.storage = None
+        self.study_id: int | None = None
 
     # ------------------------------------------------------------------ public
     def run(self, say=None) -> dict:
@@ -494,6 +509,7 @@ class Sweep:
                 sampler = optuna.samplers.GridSampler(self.grid.search_space(), seed=0)
                 self.study = optuna.create_study(storage=self.storage, study_name=self.study_name, sampler=sampler,
                                                  direction="maximize", load_if_exists=True)
+                self.study_id = self.storage.get_study_id_from_name(self.study_name)
             except Exception as exc:
                 line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
                 raise UserError(f"--storage {self.shown_url}: cannot open the study ({type(exc).__name__}: {line}); "
@@ -542,6 +558,10 @@ class Sweep:
                 self.storage.remove_session()
             with contextlib.suppress(Exception):
                 self.storage.engine.dispose()
+
+    def _trial_id(self, number: int) -> int:
+        """The storage's id of the study's trial ``number`` (Optuna's public storage API)."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     def _trials(self) -> list:
         return self.study.get_trials(deepcopy=False)
@@ -659,8 +679,9 @@ class Sweep:
                     continue
                 reason = "its worker never started it"
             try:
-                self.storage.set_trial_user_attr(t._trial_id, "lost", reason)
-                if not self.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                trial_id = self._trial_id(t.number)
+                self.storage.set_trial_user_attr(trial_id, "lost", reason)
+                if not self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                     continue
             except UpdateFinishedTrialError:
                 continue
@@ -675,7 +696,7 @@ class Sweep:
         from optuna.distributions import CategoricalDistribution
         from optuna.trial import TrialState, create_trial
 
-        lost_ids = None
+        lost_ids = table = None
         for p in points:
             if p.final or p.running or p.waiting:
                 continue
@@ -691,7 +712,8 @@ class Sweep:
                 if lost_ids is None:
                     lost_ids = {t.system_attrs.get("grid_id") for t in self._trials()
                                 if t.state.is_finished() and self.grid.index(t.params) is None}
-                gid = self._grid_id(p.index)
+                    table = self._grid_table()
+                gid = self._grid_id(p.index, table)
                 if gid is None or gid not in lost_ids:
                     continue
                 params = self.grid.params(p.index)
@@ -700,16 +722,33 @@ class Sweep:
             self.study.add_trial(create_trial(state=TrialState.WAITING, params=params, distributions=dists,
                                               system_attrs=system))
 
-    def _grid_id(self, i: int) -> int | None:
-        """GridSampler's id of grid point ``i`` (from its shuffled grid list), or None if this optuna version
-        keeps it elsewhere."""
-        sampler = self.study.sampler
-        grids, names = getattr(sampler, "_all_grids", None), getattr(sampler, "_param_names", None)
-        if grids is None or names is None:
+    def _grid_id(self, i: int, table: list[tuple] | None) -> int | None:
+        """GridSampler's id of grid point ``i``, or None if this optuna version orders its grid otherwise.
+
+        GridSampler (``seed=0``, as the sweep builds it) numbers the cross product of the values, keys sorted by
+        name, in the order a ``numpy.random.RandomState(0)`` shuffle leaves it. The table is rebuilt here from the
+        public search space, and trusted only if it agrees with every trial that recorded both its grid id and its
+        parameters (``FrozenTrial.system_attrs``, public): ``table`` is ``_grid_table()``.
+        """
+        if table is None:
             return None
-        params = self.grid.params(i)
-        target = tuple(params.get(n) for n in names)
-        return next((gid for gid, g in enumerate(grids) if tuple(g) == target), None)
+        target = tuple(self.grid.params(i)[n] for n in sorted(self.grid.keys))
+        return next((gid for gid, g in enumerate(table) if g == target), None)
+
+    def _grid_table(self) -> list[tuple] | None:
+        """GridSampler's grid list (``_grid_id``), or None when a trial contradicts it."""
+        import numpy as np
+
+        names = sorted(self.grid.keys)
+        space = self.grid.search_space()
+        table = list(itertools.product(*(space[n] for n in names)))
+        np.random.RandomState(0).shuffle(table)
+        for t in self._trials():
+            gid = t.system_attrs.get("grid_id")
+            if isinstance(gid, int) and all(n in t.params for n in names) and \
+                    (not 0 <= gid < len(table) or table[gid] != tuple(t.params[n] for n in names)):
+                return None
+        return table
 
     def _after_trial(self, study, frozen) -> None:
         with contextlib.suppress(Exception):  # a report that cannot be written now is written at the end
@@ -746,7 +785,7 @@ class Sweep:
         i = self.grid.index(params)
         name = self.grid.name(i)
         trial.set_user_attr("trial", name)
-        my_gid = self.storage.get_trial(trial._trial_id).system_attrs.get("grid_id")
+        my_gid = self.storage.get_trial(self._trial_id(trial.number)).system_attrs.get("grid_id")
         said: set[str] = set()
         retries = 0
         while True:
@@ -819,19 +858,9 @@ class Sweep:
             self.say(f"{self._tag(i)}: finished already; reading {run / 'summary.json'}")
             return "done", self._record(trial, i, summary, reused=True)
         if status == "foreign":
-            if not _only_empty_dirs(run):
-                raise TrialFailed(f"{run} exists and is not a vptool run directory (no recipe.yaml); delete it, or "
-                                  "sweep under another name with --set output.name=NEW")
-            for d in sorted(run.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [run]:
-                with contextlib.suppress(OSError):
-                    d.rmdir()  # a train killed right after creating the folder: nothing in it
+            _clear_empty_run(run)
         resume = status == "unfinished"
-        argv = [*self.trial_command, "train", str(self.recipe_path)]
-        for item in self._trial_sets(i, name):
-            argv += ["--set", item]
-        argv.append("--json")
-        if resume:
-            argv.append("--resume")
+        argv = self._train_argv(i, name, resume)
         what = "resuming" if resume else "training"
         self.say(f"{self._tag(i)}: {what} ({' '.join(self.grid.overrides(i))}; optuna trial {trial.number}, "
                  f"worker pid {os.getpid()})")
@@ -859,6 +888,16 @@ class Sweep:
             self.say(f"{self._tag(i)}: vptool train was killed by {sig}; the grid point will be resumed")
             raise _TrialKilled(sig)
         raise TrialFailed(err_line or f"vptool train exited {rc} without an error line; see {log}")
+
+    def _train_argv(self, i: int, name: str, resume: bool) -> list[str]:
+        """The ``vptool train`` command line of grid point ``i`` (``--json``; ``--resume`` to continue its run)."""
+        argv = [*self.trial_command, "train", str(self.recipe_path)]
+        for item in self._trial_sets(i, name):
+            argv += ["--set", item]
+        argv.append("--json")
+        if resume:
+            argv.append("--resume")
+        return argv
 
     def _spawn(self, argv: list[str], name: str, number: int) -> tuple[int, str, str | None, Path]:
         """Run one train process: stderr appended to ``logs/<TRIAL>.log``, stdout captured. Returns (exit code,
@@ -897,7 +936,7 @@ class Sweep:
 
         with contextlib.suppress(Exception):
             trial.set_user_attr("stopped", _signame(self._stop))
-            ft = self.storage.get_trial(trial._trial_id)
+            ft = self.storage.get_trial(self._trial_id(trial.number))
             system = ({k: ft.system_attrs[k] for k in ("grid_id", "search_space")}
                       if "grid_id" in ft.system_attrs and "search_space" in ft.system_attrs else {})
             system["vptool_requeued_from"] = trial.number
@@ -1034,41 +1073,57 @@ def sweep_figure(grid: Grid, rows: list[dict], best: dict | None):
     Returns:
         A matplotlib Figure on the Agg canvas (``vptool.analysis.plots.save`` writes it).
     """
+    if len(grid.keys) == 2:
+        return _heatmap_figure(grid, rows, best)
+    return _bar_figure(grid, rows, best)
+
+
+_FIGURE_TITLE = "val_acc (%) per grid point; best selected on val (VPT §4.1)"
+
+
+def _heatmap_figure(grid: Grid, rows: list[dict], best: dict | None):
+    """``sweep_figure`` for a two-key grid: val_acc as a heatmap, the best point outlined in red."""
     import numpy as np
 
-    from vptool.analysis.plots import _figure
+    from vptool.analysis.plots import figure
 
-    title = "val_acc (%) per grid point; best selected on val (VPT §4.1)"
-    if len(grid.keys) == 2:
-        n0, n1 = len(grid.values[0]), len(grid.values[1])
-        acc = np.full((n0, n1), np.nan)
-        for r in rows:
-            a, b = divmod(r["index"], n1)
-            if r["val_acc"] is not None:
-                acc[a, b] = r["val_acc"]
-        fig, ax = _figure(max(6.0, 1.2 * n1 + 2.4), max(3.8, 0.8 * n0 + 1.8))
-        im = ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto", interpolation="nearest")
-        fig.colorbar(im, ax=ax, label="val_acc (%)")
-        ax.set_xticks(range(n1), [str(_display_value(v)) for v in grid.values[1]])
-        ax.set_yticks(range(n0), [str(_display_value(v)) for v in grid.values[0]])
-        ax.set(xlabel=grid.keys[1], ylabel=grid.keys[0])
-        ax.set_title(title, fontsize="medium")
-        finite = acc[np.isfinite(acc)]
-        mid = float(finite.mean()) if finite.size else 0.0
-        for r in rows:
-            a, b = divmod(r["index"], n1)
-            text = f"{r['val_acc']:.1f}" if r["val_acc"] is not None else r["state"]
-            ax.text(b, a, text, ha="center", va="center", fontsize="small",
-                    color="white" if r["val_acc"] is not None and r["val_acc"] < mid else "black")
-        if best is not None:
-            a, b = divmod(best["index"], n1)
-            from matplotlib.patches import Rectangle
+    title = _FIGURE_TITLE
+    n0, n1 = len(grid.values[0]), len(grid.values[1])
+    acc = np.full((n0, n1), np.nan)
+    for r in rows:
+        a, b = divmod(r["index"], n1)
+        if r["val_acc"] is not None:
+            acc[a, b] = r["val_acc"]
+    fig, ax = figure(max(6.0, 1.2 * n1 + 2.4), max(3.8, 0.8 * n0 + 1.8))
+    im = ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="val_acc (%)")
+    ax.set_xticks(range(n1), [str(_display_value(v)) for v in grid.values[1]])
+    ax.set_yticks(range(n0), [str(_display_value(v)) for v in grid.values[0]])
+    ax.set(xlabel=grid.keys[1], ylabel=grid.keys[0])
+    ax.set_title(title, fontsize="medium")
+    finite = acc[np.isfinite(acc)]
+    mid = float(finite.mean()) if finite.size else 0.0
+    for r in rows:
+        a, b = divmod(r["index"], n1)
+        text = f"{r['val_acc']:.1f}" if r["val_acc"] is not None else r["state"]
+        ax.text(b, a, text, ha="center", va="center", fontsize="small",
+                color="white" if r["val_acc"] is not None and r["val_acc"] < mid else "black")
+    if best is not None:
+        a, b = divmod(best["index"], n1)
+        from matplotlib.patches import Rectangle
 
-            ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-        return fig
+        ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    return fig
+
+
+def _bar_figure(grid: Grid, rows: list[dict], best: dict | None):
+    """``sweep_figure`` for one key (or more than two): val_acc as bars, the best one red."""
+    from vptool.analysis.plots import figure
+
+    title = _FIGURE_TITLE
     labels = ([str(_display_value(v)) for v in grid.values[0]] if len(grid.keys) == 1
               else [r["trial"] for r in rows])
-    fig, ax = _figure(max(6.4, 0.5 * len(rows) + 2), 4.4)
+    fig, ax = figure(max(6.4, 0.5 * len(rows) + 2), 4.4)
     heights = [r["val_acc"] if r["val_acc"] is not None else 0.0 for r in rows]
     colors = ["tab:red" if best is not None and r["index"] == best["index"] else "tab:blue" for r in rows]
     ax.bar(range(len(rows)), heights, color=colors)
@@ -1157,6 +1212,37 @@ def _say_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _check_sweep_dir(sweep_dir: Path) -> None:
+    """The sweep directory's nearest existing ancestor is a folder, and the directory itself is not a file.
+
+    Raises:
+        UserError: one line naming the file and the fix.
+    """
+    probe = sweep_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"output.dir: {probe} is a file, not a folder; set output.dir to a folder")
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise UserError(f"{sweep_dir}: is a file; the sweep writes a folder there (move it, or --set output.name=NEW)")
+
+
+def _storage_url(storage: str | None, sweep_dir: Path):
+    """(the study's URL: ``--storage`` or ``sqlite:///<SWEEP_DIR>/study.db``, its parsed SQLAlchemy form).
+
+    Raises:
+        UserError: a malformed ``--storage`` URL.
+    """
+    from sqlalchemy.engine import make_url
+
+    url = storage if storage is not None else f"sqlite:///{sweep_dir.resolve() / 'study.db'}"
+    try:
+        return url, make_url(url)
+    except Exception as exc:
+        raise UserError(f"--storage: {url[:120]!r} is not a database URL ({str(exc)[:80]}); e.g. "
+                        "sqlite:///sweep.db or postgresql://user@host/db") from None
+
+
 # --------------------------------------------------------------------------------------------------- entry
 def plan_sweep(recipe_path: str | Path, grid_items: list[str], sets: list[str] | None = None,
                storage: str | None = None, study: str | None = None, trial_command: str | None = None) -> Sweep:
@@ -1195,21 +1281,8 @@ def plan_sweep(recipe_path: str | Path, grid_items: list[str], sets: list[str] |
     check_grid_values(recipe_path, grid, sets)
     sweep_dir = Path(recipe.output.dir) / f"{recipe.output.name}{SWEEP_SUFFIX}"
     _refuse_inputs(recipe_path, recipe, sweep_dir)
-    probe = sweep_dir
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"output.dir: {probe} is a file, not a folder; set output.dir to a folder")
-    if sweep_dir.exists() and not sweep_dir.is_dir():
-        raise UserError(f"{sweep_dir}: is a file; the sweep writes a folder there (move it, or --set output.name=NEW)")
-    from sqlalchemy.engine import make_url
-
-    url = storage if storage is not None else f"sqlite:///{sweep_dir.resolve() / 'study.db'}"
-    try:
-        parsed = make_url(url)
-    except Exception as exc:
-        raise UserError(f"--storage: {url[:120]!r} is not a database URL ({str(exc)[:80]}); e.g. "
-                        "sqlite:///sweep.db or postgresql://user@host/db") from None
+    _check_sweep_dir(sweep_dir)
+    url, parsed = _storage_url(storage, sweep_dir)
     shown = parsed.render_as_string(hide_password=True)
     if storage is not None:
         _refuse_storage(grid, sweep_dir, parsed)

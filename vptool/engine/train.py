@@ -46,36 +46,15 @@ from vptool.engine.evaluate import eval_loader, method_report, predict, topk_acc
 from vptool.engine.setup import Setup, autocast, prepare
 from vptool.errors import RunError, UserError
 from vptool.paths import write_text_atomically
+from vptool.progress import Progress
 from vptool.prompting.model import format_parameter_summary
 from vptool.recipe import Recipe, dump_recipe, flat_keys
 
 log = logging.getLogger(__name__)
 
 
-class Observer:
-    """Hooks the CLI uses to show progress; the library itself only logs."""
-
-    def run_start(self, info: dict) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, loss: float, acc: float, lr: float) -> None: ...
-    def epoch_end(self, record: dict) -> None: ...
-    def eval_start(self, split: str, steps: int) -> None: ...
-    def eval_step(self) -> None: ...
-    def run_end(self, summary: dict) -> None: ...
-    # building SPT prompts before training (``prompt.init`` names a strategy); see engine.init_prompts
-    def extract_start(self, batches: int) -> None: ...
-    def extract_step(self) -> None: ...
-    def kmeans_start(self, steps: int) -> None: ...
-    def kmeans_step(self) -> None: ...
-    def note(self, text: str) -> None:  # a one-line notice (resuming, extending); the CLI prints it on stderr
-        log.warning(text)
-
-    @classmethod
-    def silent(cls) -> Observer:
-        """What ranks other than 0 report to: nothing."""
-        obs = cls()
-        obs.note = lambda text: None
-        return obs
+#: the progress hooks train reports to (``vptool.progress.Progress``; the former name, kept: tests subclass it)
+Observer = Progress
 
 
 def effective_lr(recipe: Recipe) -> float:

@@ -1,8 +1,6 @@
 """``vptool sweep``: a grid search over recipe keys, each grid point one ``vptool train`` run (``vptool.engine.sweep``).
 
-Registered by ``vptool.cli`` (``app.command("sweep", epilog=SWEEP_EPILOG)(cli_errors(sweep_command))``). This module
-must not import ``vptool.cli`` at its top (``vptool.cli`` imports it), and keeps optuna and torch out of its imports
-so that ``vptool --help`` stays fast.
+Keeps optuna and torch out of its imports so that ``vptool --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,6 +10,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from vptool.commands.common import cli_errors, err, single_process
 
 SWEEP_EPILOG = (
     "Examples:\n\n"
@@ -62,7 +62,6 @@ def sweep_command(
     sweep.json and sweep.png in the sweep directory. SIGINT/SIGTERM stop after the running trial's checkpoint
     (exit 130/143); rerun the same command to continue.
     """
-    from vptool.cli import err
     from vptool.engine import sweep as sw
     from vptool.errors import RunError
 
@@ -73,15 +72,20 @@ def sweep_command(
         if isinstance(exc, sw.SweepStopped) or not (plan.sweep_dir / "sweep.json").is_file():
             raise
         report = json.loads((plan.sweep_dir / "sweep.json").read_text(encoding="utf-8"))
-        _print(report, json_out)
+        print_report(report, json_out)
         raise
-    _print(report, json_out)
+    print_report(report, json_out)
 
 
-def _print(report: dict, json_out: bool) -> None:
+def print_report(report: dict, json_out: bool) -> None:
+    """The sweep's result: the best trial as JSON, or the table."""
     from vptool.engine import sweep as sw
 
     if json_out:
         print(json.dumps(sw.json_result(report)))
     else:
         print(sw.format_table(report))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep", epilog=SWEEP_EPILOG)(cli_errors(single_process("sweep")(sweep_command)))
