@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "load", "from_preset", "PromptedViT"]
 
-_LAZY = {"load": ("vptool.adapter", "load"), "from_preset": ("vptool.adapter", "from_preset"),
+_LAZY = {"load": ("vptool.prompting.model", "load"), "from_preset": ("vptool.prompting.model", "from_preset"),
          "PromptedViT": ("vptool.prompting.model", "PromptedViT")}
 
 

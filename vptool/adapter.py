@@ -100,7 +100,7 @@ def save_pretrained(model, directory: str | Path, name: str | None = None) -> Pa
     """
 
     from vptool.paths import refuse_inputs, write_safetensors, write_text_atomically
-    from vptool.prompting.model import check_finite
+    from vptool.prompting.core import check_finite
 
     refuse_inputs("save_pretrained", directory, input_reads(model))
     cfg = adapter_config(model)  # refuses before anything is written
@@ -304,7 +304,7 @@ def _backbone(rec: dict, backbone_checkpoint: str | Path | None):
     return backbone, info
 
 
-def load_with_info(path: str | Path, device=None, backbone_checkpoint: str | Path | None = None):
+def load_with_info(path: str | Path, device=None, backbone_checkpoint: str | Path | None = None, model_cls=None):
     """``load``, also returning the rebuilt backbone's ``BackboneInfo`` and the config read.
 
     Returns:
@@ -327,7 +327,7 @@ def load_with_info(path: str | Path, device=None, backbone_checkpoint: str | Pat
         record["checkpoint"] = str(backbone_checkpoint)
     ds = cfg.get("dataset") or {}
     try:
-        model = build_model(config, backbone, info, record=record, class_names=cfg["classes"],
+        model = build_model(config, backbone, info, record=record, class_names=cfg["classes"], model_cls=model_cls,
                             adapter_info={"method": cfg.get("method"), "dataset": ds.get("name"),
                                           "task": ds.get("task"), "metrics": cfg.get("metrics") or _summary_metrics(p),
                                           "recipe": cfg.get("recipe")})
@@ -352,7 +352,7 @@ def _summary_metrics(run: Path) -> dict | None:
     return {k: s.get(k) for k in ("best_epoch", "val_acc", "test_top1", "test_top5")}
 
 
-def load(path: str | Path, device=None, backbone_checkpoint: str | Path | None = None):
+def load(path: str | Path, device=None, backbone_checkpoint: str | Path | None = None, model_cls=None):
     """A trained ``PromptedViT`` from a run directory or an adapter folder, in eval mode, without the dataset.
 
     The model is rebuilt from ``adapter_config.json`` + ``adapter.safetensors`` + the backbone checkpoint,
@@ -365,6 +365,8 @@ def load(path: str | Path, device=None, backbone_checkpoint: str | Path | None =
             --format adapter``.
         device: ``None`` or ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         backbone_checkpoint: the backbone checkpoint's path when it has moved since training.
+        model_cls: the class to build (``vptool.load`` passes ``vptool.PromptedViT``; default the model layer's
+            ``PromptedCore``, which has the forward but not ``predict``/``save_pretrained``).
 
     Returns:
         the model; ``model(x)`` maps (B, 3, H, W) normalised images to (B, K) logits.
@@ -376,13 +378,14 @@ def load(path: str | Path, device=None, backbone_checkpoint: str | Path | None =
     The model remembers ``path`` (``model.loaded_from``): its ``save_pretrained`` refuses to write over that folder
     or the backbone checkpoint (``UserError``, as ``vptool export`` does).
     """
-    return load_with_info(path, device, backbone_checkpoint)[0]
+    return load_with_info(path, device, backbone_checkpoint, model_cls)[0]
 
 
 # ------------------------------------------------------------------------------------------------ presets
 def from_preset(name: str, backbone, num_classes: int, *, class_names: list[str] | None = None,
                 pretrained: bool = True, checkpoint: str | None = None, backbone_kwargs: dict | None = None,
-                backbone_format: str = "auto", eval_transform: str = "vtab", seed: int = 0, **overrides):
+                backbone_format: str = "auto", eval_transform: str = "vtab", seed: int = 0, model_cls=None,
+                **overrides):
     """A fresh ``PromptedViT`` for a method preset, without a YAML recipe.
 
     ``from_preset("vpt-deep", "vit_base_patch16_224.mae", 200, checkpoint="mae_pretrain_vit_base.pth",
@@ -402,6 +405,7 @@ def from_preset(name: str, backbone, num_classes: int, *, class_names: list[str]
         class_names: K names for ``predict`` (default ``"0"``..``"K-1"``).
         eval_transform: ``vtab`` (square resize) or ``fgvc`` (resize 256/224, centre crop) for ``predict``.
         seed: RNG seed of the prompt/head init (and of a random-init backbone).
+        model_cls: the class to build (``vptool.from_preset`` passes ``vptool.PromptedViT``).
 
     Raises:
         ValueError: an unknown preset or option, or an option value outside its allowed values.
@@ -444,4 +448,4 @@ def from_preset(name: str, backbone, num_classes: int, *, class_names: list[str]
         return build_model(config, backbone, info, record=record, generator=torch.Generator().manual_seed(seed),
                            class_names=class_names if class_names is not None else
                            [str(k) for k in range(num_classes)], eval_transform=eval_transform,
-                           adapter_info={"method": name}, **given)
+                           adapter_info={"method": name}, model_cls=model_cls, **given)

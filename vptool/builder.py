@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vptool.config import ModelConfig
-from vptool.prompting.model import PromptedViT
+from vptool.prompting.core import PromptedCore
 
 
 def backbone_record(name: str, pretrained: bool, checkpoint: str | None, format: str, kwargs: dict, seed: int,
@@ -54,7 +54,8 @@ def resolve_readout_auto(config: ModelConfig, convention: str, backbone_name: st
 def build_model(config: ModelConfig, backbone: nn.Module, info=None, *, record: dict | None = None,
                 generator: torch.Generator | None = None, prompt_values: torch.Tensor | None = None,
                 pretrained_mask_token: torch.Tensor | None = None, class_names: list[str] | None = None,
-                eval_transform: str = "vtab", adapter_info: dict | None = None) -> PromptedViT:
+                eval_transform: str = "vtab", adapter_info: dict | None = None,
+                model_cls: type[PromptedCore] | None = None) -> PromptedCore:
     """The model of ``config`` (readout already resolved: see ``resolve_readout_auto``) on ``backbone``.
 
     Args:
@@ -69,6 +70,9 @@ def build_model(config: ModelConfig, backbone: nn.Module, info=None, *, record: 
         class_names: K names (index = label), or None.
         eval_transform: ``vtab`` or ``fgvc``, the transform ``predict`` applies.
         adapter_info: provenance for the model card (method, dataset, metrics, recipe).
+        model_cls: the class to build: ``vptool.prompting.model.PromptedViT`` (the library face, what every
+            caller in vptool passes) or, by default, ``PromptedCore`` (the builder sits below the face and is handed
+            it, so no import runs back up).
 
     Raises:
         ValueError: an option outside its allowed values.
@@ -76,7 +80,7 @@ def build_model(config: ModelConfig, backbone: nn.Module, info=None, *, record: 
     """
     extras = info.extras if info is not None else {}
     mask = pretrained_mask_token if pretrained_mask_token is not None else extras.get("mask_token")
-    model = PromptedViT(backbone, config, generator=generator, prompt_values=prompt_values,
+    model = (model_cls or PromptedCore)(backbone, config, generator=generator, prompt_values=prompt_values,
                         pretrained_mask_token=mask)
     model.set_data_config(info.data_config if info is not None else model.data_config, eval_transform)
     model.backbone_config = record

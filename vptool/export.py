@@ -271,6 +271,7 @@ def export(source: str | Path, fmt: str, out: str | Path, opset: int | None = No
     """
     from vptool.adapter import load_with_info, save_pretrained
     from vptool.paths import refuse_inputs, source_reads
+    from vptool.prompting.model import PromptedViT
 
     if fmt in FORMATS:
         refuse_inputs("-o", out, source_reads(source, backbone_checkpoint=backbone_checkpoint))
@@ -285,7 +286,8 @@ def export(source: str | Path, fmt: str, out: str | Path, opset: int | None = No
         if not MIN_OPSET <= opset <= newest:
             raise UserError(f"--opset: {opset} is outside {MIN_OPSET}..{newest} (torch's ONNX exporter starts at "
                             f"{MIN_OPSET}; onnx {onnx.__version__} knows up to {newest})")
-    model, _, cfg = load_with_info(source, device="cpu", backbone_checkpoint=backbone_checkpoint)
+    model, _, cfg = load_with_info(source, device="cpu", backbone_checkpoint=backbone_checkpoint,
+                                   model_cls=PromptedViT)
     model.float().eval()
     report = {"source": str(source), "format": fmt, "output": str(out), "classes": len(model.class_names),
               "input_size": list(model.data_config["input_size"])}

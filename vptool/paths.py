@@ -270,7 +270,7 @@ def source_reads(source: str | Path, what: str | None = None,
     rec = cfg.get("backbone") if isinstance(cfg.get("backbone"), dict) else {}
     recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
     if not recipe and is_run:
-        from vptool.recipe import read_yaml
+        from vptool.yamlio import read_yaml
 
         try:
             recipe = read_yaml(src / "recipe.yaml")

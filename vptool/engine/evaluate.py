@@ -107,6 +107,7 @@ def load_run(run_dir: str | Path, device: str | None = None, train_eval_transfor
     """
     from vptool.adapter import load_with_info
     from vptool.data import build_splits
+    from vptool.prompting.model import PromptedViT
 
     run = Path(run_dir)
     if run.is_file() and run.suffix in (".yaml", ".yml"):
@@ -140,7 +141,7 @@ def load_run(run_dir: str | Path, device: str | None = None, train_eval_transfor
         raise UserError(f"{run}: the run has not finished (no summary.json); finish it with vptool train {run} "
                         "--resume (vptool eval --last evaluates its last checkpoint)")
     read_json(run / "summary.json")  # a truncated summary is named, not ignored
-    model, info, _ = load_with_info(run, dev)
+    model, info, _ = load_with_info(run, dev, model_cls=PromptedViT)
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=train_eval_transform)
     _warn_precision(recipe, dev)
     return recipe, Setup(model, splits, info, dev, autocast_dtype(recipe.train.precision, dev))

@@ -84,7 +84,7 @@ def build_model(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo, n
     config = recipe.model_config(num_classes=num_classes).replace(**overrides)
     b = recipe.backbone
     return build_from_config(
-        config, backbone, info, generator=g, eval_transform=recipe.data.train_transform,
+        config, backbone, info, generator=g, eval_transform=recipe.data.train_transform, model_cls=PromptedViT,
         record=backbone_record(b.name, b.pretrained, b.checkpoint, b.format, b.kwargs, recipe.seed, info),
         adapter_info={"method": recipe.method, "dataset": recipe.data.dataset, "task": recipe.data.task,
                       "recipe": recipe.to_dict()}, **given)

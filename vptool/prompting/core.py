@@ -1,0 +1,613 @@
+"""The prompted forward: one frozen timm ViT or BEiT, prompt tokens, extra tokens, a readout and a head.
+
+Every method is a point in one option space (DESIGN.md §1); presets in ``vptool.recipe`` name the points the
+papers use. The axes, each independent of the others:
+
+- prompt mode ``none`` / ``shallow`` / ``deep`` / ``gated``, each a unit in ``vptool.prompting.modes`` (its shapes,
+  tensor names and how it runs block i; ``_blocks`` hands every block to it):
+  - ``shallow`` (VPT, Jia et al. 2022, eq. 4-5): one set P (Np, D) inserted once and carried through every block.
+  - ``deep`` (VPT eq. 7): L sets P (L, Np, D); set i enters block i+1 and the block's prompt outputs are dropped.
+    Computed in the prefix form (``attention.prompted_attention(prefix=...)``), equal to the concatenated form on every
+    other row. When the readout needs the last block's prompt outputs (``avg_all``) the last block runs
+    concatenated.
+  - ``gated`` (GateVPT, Yoo et al. 2023, eq. 6-8, Alg. 1): shallow prompts; after block l (l = 1..L-1, not the
+    last) the prompt rows become ``g_l * out + (1 - g_l) * in`` with ``g_l = sigmoid(gamma_l)`` (eq. 6-7).
+    Gate priors start at ``gamma_l = -gate_init`` (official code). ``hard`` gates (Table 4 ablation) are a
+    straight-through Gumbel-sigmoid: in training ``s = sigmoid(gamma + log u - log(1 - u))``, u ~ U(0, 1) drawn
+    per image and gate, forward value ``1[s > 0.5]``, gradient of ``s``; in evaluation ``1[gamma > 0]``.
+- learnable attention temperature (GateVPT eq. 9): tau_l per block, init 1, logits divided by tau_l for every
+  token and head; kept in ``[temperature_min, temperature_max]`` (official code: [0.01, 10]) by clamping in the
+  forward and projecting the parameter after each optimizer step (``constrain_``), like the official in-place clamp.
+  On BEiT the relative position bias is part of the logit and is divided too.
+- extra tokens: a [MASK] token (VPTM §4.1, eq. 6): the backbone's pretrained ``mask_token`` (BEiT v2), or a
+  learnable one (init truncated normal, std 0.02, as BEiT initialises its own) for backbones without one.
+- token order: a string over ``C`` (prefix/CLS tokens), ``X`` (patch tokens), ``P`` (prompt rows), ``M`` ([MASK]),
+  ``C`` first. Default ``CPX`` (VPT eq. 4) or ``CXPM`` with a mask token (VPTM eq. 6); VPTM Table 5 also uses
+  ``CXMP``, ``CPMX``, ``CMPX``.
+- readout pool ``cls`` / ``avg`` (patch tokens) / ``avg_all`` (every token after the prefix tokens: prompts,
+  [MASK] and patches) / ``mask`` (the [MASK] row, VPTM h[MASK]); norm ``pretrained`` / ``fresh`` / ``none``.
+- head ``linear`` / ``verbalizer`` / ``mlp1`` / ``mlp2`` (``heads.py``).
+
+Positions: prompts and [MASK] get no position embedding. On BEiT the (shared and/or per-block) relative position
+bias covers CLS and patches exactly as in pretraining; every pair involving a prompt or [MASK] token gets zero
+bias. Attention is then permutation-equivariant over the rows, so the four VPTM orders give the same logits up
+to float rounding (``tests/test_methods.py`` checks it). VPTM Table 5 reports different accuracies per order;
+those are separately trained runs, and the paper does not describe a position signal for the extra tokens.
+
+Shapes: B images, N patch tokens, Np prompts per set, D width, K classes, L blocks, H heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from vptool.config import ModelConfig, choice_fields, field_names
+from vptool.errors import UserError
+from vptool.options import TrainTransform, check_choice
+from vptool.prompting.families import family_for
+from vptool.prompting.heads import build_head
+from vptool.prompting.init import init_prompts, load_prompt_file
+from vptool.prompting.layout import RowLayout, default_order, order_problem
+from vptool.prompting.modes import BlockStep, PromptTokens, mode_for
+from vptool.prompting.modes.gated import PromptGates
+
+__all__ = ["CHOICE_OPTIONS", "ModelConfig", "PromptGates", "PromptTokens", "PromptedCore", "check_finite",
+           "format_parameter_summary"]
+
+#: the constructor options that are choices, and their tables (``ModelConfig``'s; shared with the recipe schema).
+CHOICE_OPTIONS = choice_fields()
+
+#: the order of the keyword arguments before ``ModelConfig`` (``PromptedViT(backbone, K, "deep", 10, ...)``).
+POSITIONAL_OPTIONS = ("prompt_mode", "prompt_length", "prompt_init", "prompt_file", "prompt_values", "prompt_dropout",
+                      "prompt_trainable", "readout_pool", "readout_norm", "tune", "deep_form", "generator")
+
+
+class PromptedCore(nn.Module):
+    """The prompted model without its library face (``vptool.prompting.model.PromptedViT`` adds ``predict``,
+    ``save_pretrained``, ``from_pretrained``): a frozen timm ViT/BEiT with prompts, optional [MASK] token,
+    temperature, a readout and a head.
+
+    Args:
+        backbone: frozen timm ``VisionTransformer`` or ``Beit`` (see ``vptool.backbones.build_backbone``).
+        config: the options (``vptool.config.ModelConfig``: prompt mode and length, readout, head, tune, ...,
+            each documented there), with ``num_classes`` K. The keyword form is the same options as keywords:
+            ``PromptedViT(backbone, K, "deep", 10, readout_pool="avg")`` equals
+            ``PromptedViT(backbone, ModelConfig(num_classes=K, prompt_mode="deep", prompt_length=10,
+            readout_pool="avg"))``.
+        generator: RNG for the prompt, head and [MASK] init.
+        prompt_values: the initial prompts themselves, (Np, D) or (L, Np, D); wins over ``prompt_init`` (an SPT
+            strategy needs them: ``vptool.engine.init_prompts``).
+        pretrained_mask_token: the backbone's pretrained [MASK] embedding (1, 1, D) or (1, D), if any.
+
+    Attributes:
+        config: the validated ``ModelConfig`` (token order resolved) that rebuilds this model.
+        options: ``config.to_dict()``, ``adapter_config.json``'s "model" section.
+        mode: the prompt mode's unit (``vptool.prompting.modes``).
+        class_names: the K class names (index = label), or None; set by vptool's builders (``vptool.load``,
+            ``from_preset``, training).
+        eval_transform: ``vtab`` or ``fgvc``: the evaluation transform ``predict`` applies (``set_data_config``).
+        data_config: input size, mean and std in timm's form (also ``pretrained_cfg``, so
+            ``timm.data.resolve_model_data_config(model)`` gives them).
+        backbone_config: how to rebuild the backbone (name, kwargs, checkpoint, sha256, seed), or None for a
+            backbone vptool did not build.
+        adapter_info: provenance for ``save_pretrained``'s model card (method, dataset, metrics, recipe).
+
+    Input Shape:
+        (B, 3, H, W) images normalised with the backbone's data config.
+    Output Shape:
+        (B, K) logits.
+
+    Raises:
+        ValueError: an option outside its allowed values (``vptool.options``; the message names them all).
+        UserError: a backbone family without an ops file (``vptool.prompting.families``), or an option the
+            backbone cannot support (``cls`` readout without a class token, a pretrained [MASK] token the backbone
+            does not have, an invalid token order).
+    """
+
+    def __init__(self, backbone: nn.Module, config: ModelConfig | int | None = None, *args,
+                 generator: torch.Generator | None = None, prompt_values: torch.Tensor | None = None,
+                 pretrained_mask_token: torch.Tensor | None = None, **options):
+        super().__init__()
+        config = _as_config(config, args, options)
+        generator = options.pop("generator", generator)
+        prompt_values = options.pop("prompt_values", prompt_values)
+        c = config.validate()
+        if c.num_classes is None:
+            raise ValueError("num_classes: missing; give K, the number of classes (ModelConfig(num_classes=K))")
+        if c.readout_pool == "cls" and getattr(backbone, "cls_token", None) is None:
+            raise UserError("readout.pool: 'cls' needs a backbone with a class token; use avg")
+        self.backbone = backbone
+        self.family = family_for(backbone)  # the backbone family's ops: embedding, block forward, position bias
+        self.mode = mode_for(c.prompt_mode)  # the prompt mode's unit: shapes, names, how it runs each block
+        self.prompt_mode = c.prompt_mode
+        self.readout_pool = c.readout_pool
+        self.readout_norm = c.readout_norm
+        self.tune = c.tune
+        self.deep_form = c.deep_form
+        self.num_prefix_tokens = backbone.num_prefix_tokens
+        D, L = backbone.embed_dim, len(backbone.blocks)
+        self.prompts = self._build_prompts(c, prompt_values, generator)
+        self.gates = None
+        for name, module in self.mode.extras(L, c).items():  # e.g. GateVPT's gates
+            setattr(self, name, module)
+        # temperature (GateVPT eq. 9)
+        self.temperature_range = tuple(c.temperature_range)
+        self.temperature = nn.Parameter(torch.ones(L)) if c.temperature == "learnable" else None
+        self._build_mask_token(c.mask_token, pretrained_mask_token, generator)
+        if c.readout_pool == "mask" and self.mask_source is None:
+            raise UserError("readout.pool: 'mask' needs a [MASK] token; set tokens.mask: auto")
+        self.order = self._check_order(c.token_order)
+        # readout and head
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if c.readout_norm == "fresh" else None
+        self.head_name, head_module = build_head(c.head, D, c.num_classes, c.head_dim, generator, init=c.head_init)
+        setattr(self, self.head_name, head_module)
+        self._set_trainable(c.tune, c.prompt_trainable)
+        self.config = c.replace(token_order=self.order)  # what rebuilds this model (adapter_config.json "model")
+        self.num_classes = c.num_classes
+        self.class_names: list[str] | None = None  # K names, index = label (set by vptool's builders)
+        self.eval_transform = "vtab"  # the protocol whose evaluation transform predict() uses (data.train_transform)
+        self.backbone_config: dict | None = None  # how to rebuild the backbone (set by vptool's builders)
+        self.adapter_info: dict = {}  # provenance for the model card: method, dataset, metrics, recipe
+        self.loaded_from = None  # the folder vptool.load read this model from (save_pretrained never writes there)
+        self._data_config = _backbone_data_config(backbone)
+
+    @property
+    def options(self) -> dict:
+        """``config.to_dict()``: the options that rebuild this model (``adapter_config.json`` "model")."""
+        return self.config.to_dict()
+
+    @property
+    def prompt_rows(self) -> bool:
+        """Whether the prompts are rows of every block's input (the mode's ``rows``)."""
+        return self.mode.rows
+
+    def _build_prompts(self, c: ModelConfig, values: torch.Tensor | None,
+                       generator: torch.Generator | None) -> PromptTokens | None:
+        """The prompt tokens, shaped by the mode (``mode.shape``: (Np, D) or (L, Np, D)), from ``values``, a file or
+        an init rule; None for a mode without prompts."""
+        mode = self.mode
+        if not mode.has_prompts:
+            return None
+        bb = self.backbone
+        D, L = bb.embed_dim, len(bb.blocks)
+        shape = mode.shape(L, c.prompt_length, D)
+        name = mode.tensor_name
+        if values is not None:
+            if tuple(values.shape) != shape:
+                raise UserError(f"prompt.init: {name} has shape {tuple(values.shape)}, the model needs "
+                                f"{shape}; match prompt.length and the backbone")
+            init = values.detach().float().cpu().clone()
+        elif c.prompt_init == "file":
+            if not c.prompt_file:
+                raise UserError("prompt.init_file: missing; prompt.init 'file' needs an init-prompts output")
+            init = load_prompt_file(c.prompt_file, name, shape)
+        elif c.prompt_init not in ("xavier", "zeros"):
+            raise ValueError(f"prompt_init {c.prompt_init!r} needs prompt_values (vptool.engine.init_prompts)")
+        else:
+            init = init_prompts(shape, c.prompt_init, tuple(bb.patch_embed.patch_size), D, generator)
+        return PromptTokens(mode.tensor, init, c.prompt_dropout)
+
+    def _build_mask_token(self, mode: str, pretrained: torch.Tensor | None,
+                          generator: torch.Generator | None) -> None:
+        """The [MASK] token (VPTM eq. 6): a buffer holding the pretrained one, a learnable (1, D), or None."""
+        self.mask_source: str | None = None
+        self.mask_token: torch.Tensor | None
+        if mode == "none":
+            self.mask_token = None
+            return
+        D = self.backbone.embed_dim
+        have = pretrained is not None
+        if mode == "pretrained" and not have:
+            raise UserError("tokens.mask: 'pretrained' but this backbone has no pretrained [MASK] embedding "
+                            "(a BEiT v2 pretraining checkpoint has one); use auto or learnable")
+        if mode in ("pretrained", "auto") and have:
+            self.register_buffer("mask_token", pretrained.detach().float().reshape(1, D).clone(), persistent=False)
+            self.mask_source = "pretrained"
+        else:
+            t = torch.empty(1, D)
+            nn.init.trunc_normal_(t, std=0.02, generator=generator)
+            self.mask_token = nn.Parameter(t)
+            self.mask_source = "learned"
+
+    def _set_trainable(self, tune: str, prompt_trainable: bool) -> None:
+        """The trainable set, explicit: the backbone (and a fresh readout norm) only when ``tune == "all"``."""
+        self.backbone.requires_grad_(tune == "all")
+        if self.fc_norm is not None:
+            self.fc_norm.requires_grad_(tune == "all")
+        adapt = tune in ("prompts", "all")
+        if self.prompts is not None:
+            self.prompts.requires_grad_(prompt_trainable and adapt)
+        for p in (self.gates, self.temperature):
+            if p is not None:
+                p.requires_grad_(adapt)
+        if isinstance(self.mask_token, nn.Parameter):
+            self.mask_token.requires_grad_(adapt)
+        self.backbone.eval()
+
+    def _check_order(self, order: str | None) -> str:
+        has_prompts, has_mask = self.prompts is not None, self.mask_source is not None
+        order = default_order(has_prompts, has_mask) if order is None else order
+        problem = order_problem(order, has_prompts, has_mask)
+        if problem:
+            raise UserError(problem)
+        return order
+
+    # ------------------------------------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> PromptedCore:
+        """Train mode for prompts/head only: the backbone always stays in eval mode (no drop-path/dropout)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def get_classifier(self) -> nn.Module:
+        """The classification head module (registered as ``head`` or ``verbalizer``)."""
+        return getattr(self, self.head_name)
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Project constrained parameters back into range after an optimizer step (temperature clamp)."""
+        if self.temperature is not None:
+            self.temperature.clamp_(*self.temperature_range)
+
+    # ------------------------------------------------------------------------------------------- layout
+    def _lengths(self, N: int) -> dict[str, int]:
+        return {"C": self.num_prefix_tokens, "X": N, "P": self.prompts.length if self.prompts else 0, "M": 1}
+
+    def row_order(self, with_prompts: bool | None = None) -> str:
+        """The order of the rows present in a block's input (P only when prompts are rows)."""
+        keep = self.mode.rows if with_prompts is None else with_prompts
+        return self.order if keep else self.order.replace("P", "")
+
+    def layout(self, order: str, N: int, prefix: int = 0) -> RowLayout:
+        """The ``RowLayout`` of rows in ``order`` with N patch tokens and ``prefix`` prefix prompts."""
+        return RowLayout(order, self._lengths(N), prefix)
+
+    def slices(self, order: str, N: int) -> dict[str, slice]:
+        """Row slices of each letter of ``order`` for N patch tokens."""
+        return self.layout(order, N).slices()
+
+    def assemble(self, parts: dict[str, torch.Tensor], order: str) -> torch.Tensor:
+        """Concatenate (B, n, D) row groups by letter in ``order`` -> (B, T, D)."""
+        return torch.cat([parts[ch] for ch in order], dim=1)
+
+    def split(self, x: torch.Tensor, order: str, N: int) -> dict[str, torch.Tensor]:
+        """(B, T, D) rows in ``order`` -> their row groups by letter."""
+        return {ch: x[:, sl] for ch, sl in self.slices(order, N).items()}
+
+    # ------------------------------------------------------------------------------------------- forward
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + position embedding + prefix tokens (the family's ``embed``):
+        (B, 3, H, W) -> (B, n_prefix + N, D)."""
+        return self.family.embed(self.backbone, x)
+
+    def temperatures(self) -> torch.Tensor | None:
+        """tau (L,) clamped to the allowed range, or None when the temperature is fixed."""
+        if self.temperature is None:
+            return None
+        return self.temperature.clamp(*self.temperature_range)
+
+    def run_block(self, step: BlockStep, blk: nn.Module, h: torch.Tensor, order: str,
+                  prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``blk`` (the ``i``-th, as ``step`` counts) on rows ``h`` (B, T, D) in ``order`` through the
+        family's ops, with this forward's temperature and ``prefix`` (1 or B, Np, D) prompt keys/values."""
+        i = step.state["i"]
+        tau = None if step.taus is None else step.taus[i]
+        layout = self.layout(order, step.N, 0 if prefix is None else prefix.shape[1])
+        return self.family.block(blk, h, layout, prefix, tau, step.state)
+
+    def _blocks(self, x: torch.Tensor, last: int | None = None):
+        """Run the blocks; yield ``(i, tokens after block i (B, T, D), their row order, N)`` for i = 0..last.
+
+        Each block is the prompt mode's (``PromptModeUnit.block``). After a gated block the prompt rows are already
+        the gated mix (GateVPT eq. 7), i.e. the rows entering block i + 1.
+        """
+        blocks = self.backbone.blocks
+        last = len(blocks) - 1 if last is None else last
+        tok = self.embed(x)
+        B = tok.shape[0]
+        N = tok.shape[1] - self.num_prefix_tokens
+        parts = {"C": tok[:, :self.num_prefix_tokens], "X": tok[:, self.num_prefix_tokens:]}
+        if self.mask_source is not None:
+            parts["M"] = self.mask_token.to(tok.dtype).unsqueeze(0).expand(B, -1, -1)
+        if self.mode.rows:
+            parts["P"] = self.prompts.set(None, B).to(tok.dtype).expand(B, -1, -1)
+        order = self.row_order()
+        h = self.assemble(parts, order)
+        step = BlockStep(B, N, self.temperatures(), self.mode.begin(self, B), self.family.start(self.backbone))
+        for i, blk in enumerate(blocks[:last + 1]):
+            step.state["i"] = i
+            h, order = self.mode.block(self, step, i, blk, h, order)
+            yield i, h, order, N
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block, before any norm.
+
+        Input Shape:
+            (B, 3, H, W)
+        Output Shape:
+            (B, T, D), rows in ``self.output_order`` (``self.slices`` gives each letter's rows): prefix tokens,
+            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row.
+        """
+        out = None
+        for _, h, _, _ in self._blocks(x):
+            out = h
+        return out
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              return_prompt_tokens: bool = False):
+        """The outputs of chosen blocks, as timm's ``VisionTransformer.forward_intermediates``.
+
+        Args:
+            x: (B, 3, H, W) images.
+            indices: block indices (0-based; negative counts from the end), or an int n for the last n blocks;
+                None for every block.
+            return_prefix_tokens: also return each block's prefix tokens (CLS, registers), (B, n_prefix, D).
+            norm: apply the backbone's final norm to each intermediate.
+            stop_early: run no block after the last index.
+            output_fmt: ``NCHW`` (patch tokens as (B, D, h, w) with h, w the patch grid) or ``NLC`` ((B, N, D)).
+            intermediates_only: return only the list of intermediates.
+            return_prompt_tokens: vptool's addition: also return the prompt rows after each block, (B, Np, D),
+                i.e. the rows entering the next block (after the gate for gated prompts); None for deep prompts,
+                whose rows are not computed in the prefix form (block i + 1 sees the learned set
+                ``prompts.set(i + 1, B)``) and without prompts.
+
+        Returns:
+            ``intermediates`` (``intermediates_only``) or ``(final, intermediates)``. Each intermediate is the
+            patch tensor, or a tuple ``(patches, prefix tokens[, prompt tokens])`` with the flags above (prompt
+            tokens last). ``final`` is, unlike timm's normed sequence, what ``forward_head`` consumes: the tokens
+            after the last block run, before any norm (``forward_features`` when every block ran).
+
+        Raises:
+            ValueError: an index outside the blocks or an unknown ``output_fmt``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} is not one of 'NCHW', 'NLC'")
+        L = len(self.backbone.blocks)
+        if indices is None:
+            take = list(range(L))
+        elif isinstance(indices, int):
+            take = list(range(L - indices, L))
+        else:
+            take = [i + L if i < 0 else i for i in indices]
+        if not take or min(take) < 0 or max(take) >= L:
+            raise ValueError(f"indices={indices!r} must select blocks among 0..{L - 1}")
+        norm_layer = self.family.final_norm(self.backbone) if norm else None
+        grid = self.backbone.patch_embed.grid_size if output_fmt == "NCHW" else None
+        out: list = []
+        h = None
+        for i, h, order, N in self._blocks(x, last=max(take) if stop_early else None):
+            if i not in take:
+                continue
+            y = norm_layer(h) if norm_layer is not None else h
+            sl = self.slices(order, N)
+            patches = y[:, sl["X"]]
+            if grid is not None:
+                patches = patches.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+            extra = []
+            if return_prefix_tokens:
+                extra.append(y[:, sl["C"]])
+            if return_prompt_tokens:
+                extra.append(y[:, sl["P"]] if "P" in sl else None)
+            out.append(tuple([patches, *extra]) if extra else patches)
+        return out if intermediates_only else (h, out)
+
+    @property
+    def output_order(self) -> str:
+        """Row order of ``forward_features``'s output."""
+        return self.row_order(with_prompts=self.mode.output_rows(self))
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool then norm: (B, T, D) tokens from ``forward_features`` -> (B, D) features for the head."""
+        return self.norm_pooled(self.pool(x))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The readout's pooling (``readout.pool``): (B, T, D) tokens -> (B, D), before the readout norm."""
+        order = self.output_order
+        n = self.num_prefix_tokens
+        N = x.shape[1] - sum(self._lengths(0)[ch] for ch in order if ch != "X")
+        sl = self.slices(order, N)
+        if self.readout_pool == "cls":
+            z = x[:, 0]
+        elif self.readout_pool == "avg":
+            z = x[:, sl["X"]].mean(dim=1)
+        elif self.readout_pool == "mask":
+            z = x[:, sl["M"].start]
+        else:  # avg_all: every row after the prefix tokens
+            z = x[:, n:].mean(dim=1)
+        return z
+
+    def norm_pooled(self, z: torch.Tensor) -> torch.Tensor:
+        """The readout's norm (``readout.norm``) on pooled (B, D) features."""
+        if self.readout_norm == "pretrained":
+            z = self.family.final_norm(self.backbone)(z)
+        elif self.readout_norm == "fresh":
+            z = self.fc_norm(z)
+        return z
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, T, D) tokens -> (B, K) logits, or (B, D) features with ``pre_logits``."""
+        z = self.readout(x)
+        return z if pre_logits else self.get_classifier()(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, K) logits."""
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------------------------------- adapter
+    def adapter_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        """The modules and bare parameters whose tensors form the adapter (walked explicitly, not by name)."""
+        mods: dict[str, nn.Module | nn.Parameter] = {self.head_name: self.get_classifier()}
+        if self.prompts is not None:
+            mods["prompts"] = self.prompts
+        if self.gates is not None:
+            mods["gates"] = self.gates
+        if self.temperature is not None:
+            mods["temperature"] = self.temperature
+        if isinstance(self.mask_token, nn.Parameter):
+            mods["mask_token"] = self.mask_token
+        if self.fc_norm is not None:
+            mods["fc_norm"] = self.fc_norm
+        if self.tune == "all":
+            mods["backbone"] = self.backbone
+        return mods
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the tensors the run saves (never the frozen backbone unless ``tune="all"``).
+
+        Names follow the adapter contract: ``prompts.shallow`` (Np, D) or ``prompts.deep`` (L, Np, D),
+        ``gates.logit`` (L-1,), ``temperature`` (L,), ``mask_token`` (1, D) when learned, ``head.weight`` (K, D),
+        ``head.bias`` (K,) (``head.fc1.*``/``head.fc2.*`` for mlp2), ``verbalizer.proj.weight`` (t, D),
+        ``verbalizer.proj.bias`` (t,), ``verbalizer.prototypes`` (K, t), ``fc_norm.weight``/``fc_norm.bias`` (D,).
+        """
+        out = {}
+        for prefix, mod in self.adapter_modules().items():
+            items = mod.state_dict().items() if isinstance(mod, nn.Module) else [("", mod)]
+            for name, t in items:
+                key = f"{prefix}.{name}" if name else prefix
+                out[key] = t.detach().float().cpu().clone().contiguous()  # a snapshot, not a view
+        return out
+
+    def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        """Load tensors written by ``adapter_state_dict``; names and shapes must match exactly.
+
+        Raises:
+            UserError: missing, unexpected or mis-shaped tensors (named).
+        """
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise UserError(f"{source}: does not match the model built from the recipe "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shapes[:3]})")
+        for prefix, mod in self.adapter_modules().items():
+            if isinstance(mod, nn.Module):
+                sub = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
+                mod.load_state_dict(sub, strict=True)
+            else:
+                with torch.no_grad():
+                    mod.copy_(sd[prefix])
+
+    def save_adapter(self, path: str, metadata: dict[str, str] | None = None) -> None:
+        """Write the adapter tensors to ``path`` atomically (safetensors, metadata ``format: pt``).
+
+        Raises:
+            RunError: a tensor holds NaN or inf (a diverged model is never saved).
+        """
+        from vptool.paths import write_safetensors
+
+        sd = self.adapter_state_dict()
+        check_finite(sd, path)
+        write_safetensors(path, sd, {"format": "pt", **(metadata or {})})
+
+    def load_adapter(self, path: str) -> None:
+        """Read an adapter written by ``save_adapter``.
+
+        Raises:
+            UserError: unreadable file or tensors that do not match this model.
+        """
+        try:
+            sd = load_file(path)
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read adapter ({exc})") from None
+        self.load_adapter_state_dict(sd, source=path)
+
+    # ------------------------------------------------------------------------------------------- library face
+    def set_data_config(self, data_config: dict, eval_transform: str = "vtab") -> None:
+        """Record the input size and normalisation the backbone expects (``input_size``, ``mean``, ``std``) and
+        the protocol (``vtab`` | ``fgvc``, ``data.train_transform``) whose evaluation transform images get.
+
+        Raises:
+            ValueError: an unknown ``eval_transform``.
+        """
+        self.eval_transform = check_choice("eval_transform", eval_transform, TrainTransform)
+        self._data_config = {"input_size": tuple(int(v) for v in data_config["input_size"]),
+                             "mean": tuple(float(v) for v in data_config["mean"]),
+                             "std": tuple(float(v) for v in data_config["std"])}
+
+    @property
+    def data_config(self) -> dict:
+        """The preprocessing this model expects, in timm's ``resolve_model_data_config`` form: ``input_size``
+        (3, H, W) in pixels, ``mean``/``std`` per channel (of [0, 1] pixel values), ``interpolation``
+        (``bilinear``, the resize vptool's transforms use), ``crop_pct`` and ``crop_mode`` (``vtab``: a square
+        resize = ``squash`` at 1.0; ``fgvc``: resize to 256/224 of the size, then a centre crop = 0.875)."""
+        fgvc = self.eval_transform == "fgvc"
+        return {**self._data_config, "interpolation": "bilinear", "crop_pct": 224 / 256 if fgvc else 1.0,
+                "crop_mode": "center" if fgvc else "squash"}
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's name for the model's config: ``data_config`` plus ``num_classes`` and ``label_names``, so
+        ``timm.data.resolve_model_data_config(model)`` gives this model's real input size, mean and std."""
+        return {**self.data_config, "num_classes": self.num_classes, "label_names": self.class_names}
+
+    # ------------------------------------------------------------------------------------------- summary
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates (``requires_grad``), in a fixed order."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_summary(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; ``all`` counts backbone + every added tensor."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+
+def _backbone_data_config(backbone: nn.Module) -> dict:
+    """``input_size`` (the size the backbone was built for), ``mean`` and ``std`` from timm's data config of the
+    backbone. ``vptool.backbones.build_backbone``'s ``info.data_config`` is more exact (it knows the checkpoint
+    format's normalisation); vptool's builders pass that one through ``set_data_config``."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(backbone)
+    return {"input_size": (3, *backbone.patch_embed.img_size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raises RunError naming the first tensor of ``tensors`` that holds NaN or inf (nothing is written)."""
+    from vptool.errors import RunError
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RunError(f"{where}: not written: tensor {name} holds NaN or inf (the model diverged; lower train.lr)")
+
+
+def format_parameter_summary(trainable: int, total: int) -> str:
+    """``trainable params: 1,234 || all params: 86,000,000 || trainable%: 0.0014`` (peft's format)."""
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def _as_config(config, args: tuple, options: dict) -> ModelConfig:
+    """The ``ModelConfig`` of a constructor call: ``config`` itself, or built from the keyword form (K first, then
+    ``POSITIONAL_OPTIONS`` in order, then keywords). ``generator``/``prompt_values`` given positionally or as
+    keywords are left in ``options`` for the constructor.
+
+    Raises:
+        TypeError: an unknown keyword, or options given twice.
+    """
+    if isinstance(config, ModelConfig):
+        if args or set(options) - {"generator", "prompt_values"}:
+            raise TypeError("PromptedViT: give the options in the ModelConfig or as keywords, not both")
+        return config
+    if len(args) > len(POSITIONAL_OPTIONS):
+        raise TypeError(f"PromptedViT: at most {len(POSITIONAL_OPTIONS) + 2} positional arguments")
+    for name, value in zip(POSITIONAL_OPTIONS, args):
+        if name in options:
+            raise TypeError(f"PromptedViT: {name} given twice")
+        options[name] = value
+    if "num_classes" in options and config is not None:
+        raise TypeError("PromptedViT: num_classes given twice")
+    names = set(field_names())
+    unknown = sorted(set(options) - names - {"generator", "prompt_values"})
+    if unknown:
+        raise TypeError(f"PromptedViT: unexpected keyword argument {unknown[0]!r}")
+    kw = {k: options.pop(k) for k in list(options) if k in names}
+    if config is not None:
+        kw["num_classes"] = config
+    if "temperature_range" in kw:
+        kw["temperature_range"] = tuple(float(v) for v in kw["temperature_range"])
+    return ModelConfig(**kw)
