@@ -48,6 +48,14 @@ from vptool.options import (
     VtabSplit,
 )
 from vptool.prompting.layout import order_problem
+from vptool.yamlio import (  # noqa: F401  (re-exported: the recipe's YAML reader lived here first)
+    MAX_YAML_DEPTH,
+    MAX_YAML_VALUES,
+    RecipeLoader,
+    YamlProblem,
+    load_yaml_text,
+    read_yaml,
+)
 
 
 def _f(default: Any = None, help: str = "", required: bool = False, factory=None):
@@ -595,18 +603,6 @@ def resolve_saved(raw: dict, source: str) -> Recipe:
         logging.getLogger(__name__).warning("%s: ignoring keys this vptool version does not know: %s", source,
                                             ", ".join(dropped))
     return resolve(raw, source=source)
-
-
-# --------------------------------------------------------------------------------------------------- YAML
-# The safe YAML reader lives in ``vptool.yamlio`` (the base layer: ``vptool.paths`` reads run recipes with it too).
-from vptool.yamlio import (  # noqa: E402, F401  (re-exported: the recipe module was its home)
-    MAX_YAML_DEPTH,
-    MAX_YAML_VALUES,
-    RecipeLoader,
-    YamlProblem,
-    load_yaml_text,
-    read_yaml,
-)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

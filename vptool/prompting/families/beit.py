@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vptool.backbones.statedict import Converted
+from vptool.errors import UserError
 from vptool.prompting.attention import prompted_attention
-from vptool.prompting.families import Family
+from vptool.prompting.families import CheckpointFormat, Family, FamilySpec
 from vptool.prompting.layout import RowLayout
 
 
@@ -105,9 +107,6 @@ def expand_position_bias(rel: torch.Tensor, layout: RowLayout) -> torch.Tensor:
 # Format ``beitv2-pretrain``: BEiT v2 pretraining, ``beitv2_base_patch16_224_pt1k.pth`` (``shared/CHECKPOINTS.md``).
 # ------------------------------------------------------------------------------------------------------------
 
-from vptool.backbones.statedict import Converted  # noqa: E402  (the family's checkpoint region starts here)
-from vptool.errors import UserError  # noqa: E402
-from vptool.prompting.families import CheckpointFormat, FamilySpec  # noqa: E402
 
 #: BEiT v2 pretraining keys that are kept aside as extras (the [MASK] embedding and the visual-token head).
 BEITV2_EXTRAS = ("mask_token", "lm_head.weight", "lm_head.bias")

@@ -9,11 +9,22 @@ Blocks are timm's pre-norm ``Block`` with the standard ``Attention``:
 
 from __future__ import annotations
 
+import logging
+import re
+from pathlib import Path
+
 import torch
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_INCEPTION_MEAN,
+    IMAGENET_INCEPTION_STD,
+)
 from torch import nn
 
+from vptool.backbones.statedict import DDP_PREFIX, Converted
 from vptool.prompting.attention import prompted_attention
-from vptool.prompting.families import Family
+from vptool.prompting.families import CheckpointFormat, Family, FamilySpec
 from vptool.prompting.layout import RowLayout
 
 
@@ -66,19 +77,6 @@ class VitOps(Family):
 # ``mocov3`` (pretraining), ``mocov3-linear`` (linear probe), ``jax-npz`` (Google's JAX ViT ``.npz``).
 # ------------------------------------------------------------------------------------------------------------
 
-import logging  # noqa: E402  (the family's checkpoint region starts here)
-import re  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from timm.data import (  # noqa: E402
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    IMAGENET_INCEPTION_MEAN,
-    IMAGENET_INCEPTION_STD,
-)
-
-from vptool.backbones.statedict import DDP_PREFIX, Converted  # noqa: E402
-from vptool.prompting.families import CheckpointFormat, FamilySpec  # noqa: E402
 
 log = logging.getLogger(__name__)
 
