@@ -157,3 +157,17 @@ def test_one_builder_serves_training_load_and_presets():
         assert not calls, rel
         assert any(isinstance(n, ast.ImportFrom) and n.module == "vptool.builder" for n in ast.walk(tree)), rel
     assert set(field_names()) >= {"prompt_mode", "readout_pool", "head", "tune"}
+
+
+def test_every_registered_family_is_one_file_converting_its_registered_formats():
+    """``vptool.options.BACKBONE_FAMILIES`` is the one registration (the recipe's ``backbone.format`` choices come
+    from it without importing torch); each family file's ``FAMILY`` converts exactly the formats registered."""
+    from vptool.options import BACKBONE_FAMILIES, BackboneFormat
+    from vptool.prompting.families import family_table
+
+    assert [spec.name for spec in family_table()] == list(BACKBONE_FAMILIES)
+    for spec in family_table():
+        assert (PKG / "prompting" / "families" / f"{spec.name}.py").is_file()
+        assert tuple(f.name for f in spec.formats) == BACKBONE_FAMILIES[spec.name], spec.name
+    formats = [f for fs in BACKBONE_FAMILIES.values() for f in fs]
+    assert typing.get_args(BackboneFormat) == ("auto", *formats) and len(set(formats)) == len(formats)

@@ -34,7 +34,10 @@ Optimizer = Literal["sgd", "adamw"]
 LrScaling = Literal["none", "linear"]
 Precision = Literal["auto", "fp32", "bf16"]
 FeatureCache = Literal["auto", "off"]
-BackboneFormat = Literal["auto", "timm", "mae", "mocov3", "mocov3-linear", "jax-npz", "beitv2-pretrain"]
+#: the backbone families, each one file ``vptool/prompting/families/<name>.py``, with the checkpoint formats it
+#: converts (register a new family here: one line; ``vptool.prompting.families``)
+BACKBONE_FAMILIES = {"vit": ("timm", "mae", "mocov3", "mocov3-linear", "jax-npz"), "beit": ("beitv2-pretrain",)}
+BackboneFormat = Literal[("auto", *(f for formats in BACKBONE_FAMILIES.values() for f in formats))]
 VtabSplit = Literal["final", "tune"]
 InitTransform = Literal["auto", "eval", "train"]
 

@@ -27,8 +27,9 @@ names, and the readout conventions per pretraining. ``family_table()`` lists the
 
 Adding a family: write one file ``vptool/prompting/families/<name>.py`` holding its ``Family`` ops subclass, its
 ``<name>_problem`` check, its converters with their detection, its constructor kwargs, its pretraining rule and
-readout rows, all gathered in ``FAMILY = FamilySpec(...)``; then register it with one line, its file name in
-``FAMILY_FILES`` (and drop its class from ``KNOWN_UNSUPPORTED``). Until then a family (EVA, Swin, ...) is refused.
+readout rows, all gathered in ``FAMILY = FamilySpec(...)``; then register it with one line, its file name and
+format names in ``vptool.options.BACKBONE_FAMILIES`` (which also makes the formats valid ``backbone.format``
+values; and drop its class from ``KNOWN_UNSUPPORTED``). Until then a family (EVA, Swin, ...) is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from vptool.errors import UserError
+from vptool.options import BACKBONE_FAMILIES
 from vptool.prompting.layout import RowLayout
 
 
@@ -127,9 +129,9 @@ def family_for(backbone: nn.Module, name: str | None = None) -> Family:
 # The family table: everything a family brings besides its ops, one ``FamilySpec`` per family file.
 # ------------------------------------------------------------------------------------------------------------
 
-#: The registration line: the family files, in table order (``detect_format`` orders formats by ``detect_rank``;
+#: The family files, in table order, as registered in ``vptool.options.BACKBONE_FAMILIES`` (``detect_format`` orders formats by ``detect_rank``;
 #: ``pretraining_of`` tries the families' name rules in this order; ``backbone.format`` choices list in it).
-FAMILY_FILES = ("vit", "beit")
+FAMILY_FILES = tuple(BACKBONE_FAMILIES)
 
 
 @dataclass(frozen=True)
