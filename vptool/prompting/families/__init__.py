@@ -129,8 +129,8 @@ def family_for(backbone: nn.Module, name: str | None = None) -> Family:
 # The family table: everything a family brings besides its ops, one ``FamilySpec`` per family file.
 # ------------------------------------------------------------------------------------------------------------
 
-#: The family files, in table order, as registered in ``vptool.options.BACKBONE_FAMILIES`` (``detect_format`` orders formats by ``detect_rank``;
-#: ``pretraining_of`` tries the families' name rules in this order; ``backbone.format`` choices list in it).
+#: The family files, in table order, as registered in ``vptool.options.BACKBONE_FAMILIES`` (``detect_format``
+#: orders formats by ``detect_rank``; ``pretraining_of`` tries the families' name rules in this order).
 FAMILY_FILES = tuple(BACKBONE_FAMILIES)
 
 
