@@ -39,8 +39,8 @@ class RowLayout:
     __slots__ = ("order", "lengths", "prefix")
 
     def __init__(self, order: str, lengths: dict[str, int], prefix: int = 0):
-        self.order, self.prefix = order, int(prefix)
-        self.lengths = {ch: int(lengths[ch]) for ch in order}
+        self.order, self.prefix = order, prefix
+        self.lengths = {ch: lengths[ch] for ch in order}  # as given: sizes read off tensors stay traced sizes
 
     @property
     def key(self) -> tuple:
