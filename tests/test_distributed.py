@@ -101,6 +101,30 @@ def test_batch_that_does_not_divide_by_the_world_is_refused_before_anything(tmp_
     assert res.exit_code == 2 and res.stderr.strip() == ""
 
 
+def test_peer_failure_survives_torchruns_sigterm_until_its_line_is_printed(tmp_path):
+    """torchrun SIGTERMs the other workers as soon as one dies. A rank that has seen the failure must still print
+    its line naming the failed rank: from the failed collective on, SIGTERM is ignored (also after the training
+    loop's StopSignals hands its handlers back), so the process ends by itself with its own exit code 1."""
+    script = tmp_path / "peer.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from vptool.engine import dist\n"
+        "from vptool.engine.runstate import StopSignals\n"
+        "dist.failed_peers = lambda wait_s=3.0: 'rank 1 (pid 4242) died'\n"
+        "def gone():\n"
+        "    raise RuntimeError('[gloo] Connection closed by peer')\n"
+        "try:\n"
+        "    with StopSignals():\n"
+        "        dist.collective('the step', gone)\n"
+        "except Exception as exc:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # torchrun's SIGTERM, after the loop's handlers are gone\n"
+        "    print('error:', exc, file=sys.stderr)\n"
+        "    sys.exit(1)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert "rank 1 (pid 4242) died during the step" in res.stderr
+
+
 # --------------------------------------------------------------------------------------------------- training
 @pytest.mark.slow
 def test_two_processes_train_the_one_process_run_and_only_rank0_writes(tmp_path):

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -265,10 +267,20 @@ def collective(what: str, fn):
     except Exception as exc:  # DistBackendError / RuntimeError from gloo or nccl
         if not _is_comm_error(exc):
             raise
+        _ignore_sigterm()
         err = RunError(f"rank {context().rank}: {failed_peers()} during {what}; stopping this rank too "
                        f"({_first_line(exc)})")
         err.peer_failure = True  # not this rank's own error: not relayed to the others
         raise err from None
+
+
+def _ignore_sigterm() -> None:
+    """A peer has failed: torchrun is about to SIGTERM this rank too (it stops the other workers as soon as one
+    exits non-zero), which would end it before it prints its line naming the failed rank. Ignore SIGTERM from
+    now on; this rank exits by itself within moments, and torchrun's SIGKILL after its grace period still ends
+    it should it hang. Only the main thread can change a handler; elsewhere this does nothing."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _is_comm_error(exc: BaseException) -> bool:

@@ -400,8 +400,9 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+        for s, h in self._old.items():  # restore only a handler still ours (a peer failure ignores SIGTERM)
+            if signal.getsignal(s) == self._handle:
+                signal.signal(s, h)
         self._old.clear()
 
     @property
