@@ -37,8 +37,12 @@ def test_adapters_written_by_vptool_0_1_0_still_load_with_the_same_logits(tmp_pa
         got = model(want["x"])
     assert torch.allclose(got, want[name], atol=1e-5), (got - want[name]).abs().max()
     saved = json.loads((DATA / name / "adapter_config.json").read_text())["model"]
-    # the same "model" section is written back (prompts load from the adapter, so their init reads "zeros")
-    assert {**model.options, "prompt_init": saved["prompt_init"]} == saved
+    # the same "model" section is written back (prompts load from the adapter, so their init reads "zeros"),
+    # plus the options added since 0.1.0 at their defaults
+    written = {**model.options, "prompt_init": saved["prompt_init"]}
+    assert {k: written.get(k) for k in saved} == saved
+    added = {k: v for k, v in written.items() if k not in saved}
+    assert added == {k: ModelConfig().to_dict()[k] for k in added}
     assert model.config.num_classes == len(json.loads((DATA / name / "adapter_config.json").read_text())["classes"])
 
 
@@ -93,7 +97,7 @@ def test_recipe_sections_take_the_config_declaration():
         else:
             assert rtype == hints[f.name] and rf.default == f.default and rf.metadata["help"] == f.metadata["help"]
         checked += 1
-    assert checked == 17
+    assert checked == 18  # every model option with one recipe key (prompt.blocks is the 18th)
     r = rc.resolve({"method": "gatevpt", "data": {"dataset": "digits"}, "backbone": {"name": "x"}})
     cfg = r.model_config(num_classes=3)
     assert (cfg.prompt_mode, cfg.prompt_length, cfg.temperature, cfg.temperature_range, cfg.tune) == (

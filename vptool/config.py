@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vptool.options import (
+    Blocks,
     DeepForm,
     GateKind,
     HeadInit,
@@ -62,6 +63,10 @@ class ModelConfig:
                   "built when training starts: kmeans | mean-pool | max-pool | random (SPT §3.3-3.4)", "prompt.init")
     prompt_file: Optional[str] = option(None, "init: file -> safetensors with prompts.shallow / prompts.deep",
                                         "prompt.init_file", saved=False)
+    prompt_blocks: Optional[Blocks] = option(
+        None, "deep: the blocks that receive a prompt set, 1-based as VPT Fig. 7: a range (1-6, 7-12), one block "
+              "(12) or a list ([1, 5, 9]); null = every block. A block outside the set carries the prompt rows the "
+              "block before it output (none before the first set)", "prompt.blocks")
     prompt_dropout: float = option(0.0, "dropout on each prompt set when inserted (train mode only)",
                                    "prompt.dropout")
     prompt_trainable: bool = option(True, "false freezes the prompts (head only, SPT Tab. 4a)", "prompt.trainable")
@@ -81,7 +86,8 @@ class ModelConfig:
         None, "token order over C (class), X (patches), P (prompts), M (mask), C first; default CPX, or CXPM with a "
               "mask token (VPTM Table 5: CXPM CXMP CPMX CMPX)", "tokens.order")
     readout_pool: ReadoutPool = option(
-        "cls", "cls | avg (patch tokens) | avg_all (every token after CLS, prompts included) | mask (VPTM h[MASK])",
+        "cls", "cls | avg (patch tokens, VPT Fig. 8 Image-pool) | avg_all (every token after CLS, prompts included: "
+               "Global-pool) | prompt (the prompt tokens: Prompt-pool) | mask (VPTM h[MASK])",
         "readout.pool")
     readout_norm: ReadoutNorm = option(
         "pretrained", "pretrained (backbone's final norm) | fresh (new LayerNorm, MAE fc_norm) | none",
@@ -108,7 +114,8 @@ class ModelConfig:
         for name, tp in choice_fields().items():
             check_choice(name, getattr(self, name), tp)
         return dataclasses.replace(
-            self, prompt_length=int(self.prompt_length), prompt_dropout=float(self.prompt_dropout),
+            self, prompt_blocks=blocks_spec(self.prompt_blocks, "prompt_blocks"),
+            prompt_length=int(self.prompt_length), prompt_dropout=float(self.prompt_dropout),
             prompt_trainable=bool(self.prompt_trainable), gate_init=float(self.gate_init),
             temperature_range=tuple(float(v) for v in self.temperature_range), head_dim=int(self.head_dim))
 
@@ -160,6 +167,65 @@ class ModelConfig:
             got = tuple(_at(d, k) for k in keys)
             values[f.name] = got if isinstance(key, tuple) else got[0]
         return cls(**{**values, **given})
+
+
+def blocks_spec(value, key: str = "prompt.blocks") -> str | None:
+    """``prompt.blocks`` in its canonical string: runs of consecutive blocks as ``a-b``, joined by commas
+    (``[1, 2, 3, 7]`` -> ``"1-3,7"``); None (or ``all``) for every block. Takes an int, a string of ranges and
+    numbers (``"7-12"``, ``"1,5"``) or a list of them; 1-based, as VPT Fig. 7.
+
+    Raises:
+        ValueError: one line naming ``key``, the value and the accepted forms.
+    """
+    if value is None or value == "all":
+        return None
+    blocks = _block_numbers(value, key)
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and b == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def block_indices(value, depth: int, key: str = "prompt.blocks") -> tuple[int, ...]:
+    """The 0-based indices of the blocks ``value`` (``blocks_spec``'s forms) names, sorted; every block of
+    ``depth`` for None.
+
+    Raises:
+        ValueError: a form ``blocks_spec`` refuses, or a block outside 1..depth (named, with the depth).
+    """
+    if value is None or value == "all":
+        return tuple(range(depth))
+    blocks = _block_numbers(value, key)
+    if blocks[-1] > depth:
+        raise ValueError(f"{key}: block {blocks[-1]} is outside this backbone's blocks 1-{depth}; name blocks "
+                         f"among 1-{depth}")
+    return tuple(b - 1 for b in blocks)
+
+
+def _block_numbers(value, key: str) -> list[int]:
+    """The sorted, distinct 1-based block numbers of a ``prompt.blocks`` value."""
+    bad = ValueError(f"{key}: {value!r} is not a block list; give 1-based blocks as a range (1-6), one block (12), "
+                     "a list ([1, 5, 9]) or all")
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, bool):
+            raise bad
+        parts = [item] if isinstance(item, int) else str(item).replace(" ", "").split(",")
+        for part in parts:
+            lo, _, hi = str(part).partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                raise bad
+            a, b = int(lo), int(hi or lo)
+            if a < 1 or b < a:
+                raise bad
+            out.update(range(a, b + 1))
+    if not out:
+        raise bad
+    return sorted(out)
 
 
 def _at(d: dict, dotted: str):

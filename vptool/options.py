@@ -20,10 +20,10 @@ InitForm = Literal["paper", "official"]
 GateKind = Literal["soft", "hard"]
 Temperature = Literal["fixed", "learnable"]
 MaskToken = Literal["none", "auto", "pretrained", "learnable"]
-ReadoutPool = Literal["cls", "avg", "avg_all", "mask"]
+ReadoutPool = Literal["cls", "avg", "avg_all", "prompt", "mask"]
 ReadoutNorm = Literal["pretrained", "fresh", "none"]
 #: the recipe's readout keys also take ``auto``: resolved from the method and the backbone (``vptool.conventions``)
-ReadoutPoolSetting = Literal["auto", "cls", "avg", "avg_all", "mask"]
+ReadoutPoolSetting = Literal["auto", "cls", "avg", "avg_all", "prompt", "mask"]
 ReadoutNormSetting = Literal["auto", "pretrained", "fresh", "none"]
 HeadType = Literal["linear", "verbalizer", "mlp1", "mlp2"]
 HeadInit = Literal["trunc_normal", "official"]
@@ -42,6 +42,11 @@ VtabSplit = Literal["final", "tune"]
 InitTransform = Literal["auto", "eval", "train"]
 
 
+class Blocks(str):
+    """The type of ``prompt.blocks``: blocks in the paper's 1-based notation, a range ``1-6``, one block ``12``,
+    or a list ``[1, 5, 9]`` (``vptool.config.blocks_spec`` reads it into its canonical string, ``1-6``)."""
+
+
 def choices(table) -> tuple[str, ...]:
     """The allowed values of a ``Literal`` table, in their documented order."""
     return typing.get_args(table)
@@ -52,7 +57,7 @@ def check_choice(name: str, value, table) -> str:
 
     Raises:
         ValueError: one line naming the option, the bad value and every allowed value, e.g.
-            ``readout_pool='mean' is not one of 'cls', 'avg', 'avg_all', 'mask'``.
+            ``readout_pool='mean' is not one of 'cls', 'avg', 'avg_all', 'prompt', 'mask'``.
     """
     allowed = choices(table)
     if value not in allowed:

@@ -22,11 +22,12 @@ from typing import Any, Literal, Optional
 import yaml
 
 from vptool.backbones.kwargs import SIZE_KWARGS, backbone_kwargs_problems, short_repr  # noqa: F401 (re-exported)
-from vptool.config import ModelConfig, recipe_field
+from vptool.config import ModelConfig, blocks_spec, recipe_field
 from vptool.data.catalog import dataset_problem, expected_classes
 from vptool.errors import RecipeError, UserError
 from vptool.options import (
     BackboneFormat,
+    Blocks,
     FeatureCache,
     GateKind,
     HeadInit,
@@ -107,6 +108,7 @@ class DataConfig:
 class PromptConfig:
     mode: PromptMode = recipe_field("prompt_mode")
     length: int = recipe_field("prompt_length")
+    blocks: Optional[Blocks] = recipe_field("prompt_blocks")
     init: PromptInit = recipe_field("prompt_init")
     init_file: Optional[str] = recipe_field("prompt_file")
     init_fraction: float = _f(1.0, "SPT kmeans: fraction of the training split whose tokens are clustered")
@@ -334,6 +336,12 @@ def _check(tp, value, path: str, errors: list[str]):
         return _check(inner, value, path, errors)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, errors)
+    if tp is Blocks:
+        try:
+            return blocks_spec(value, path)
+        except ValueError as exc:
+            errors.append(str(exc))
+            return None
     if origin is Literal:
         choices = typing.get_args(tp)
         if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false

@@ -104,7 +104,8 @@ def block_inputs(model, x: torch.Tensor):
     ``patches`` (B, N, D) is the embedding output for block 0 and the output of block i - 1 after it
     (``forward_intermediates``); ``prompts`` is the learned set i, (1, Np, D) in eval mode, for deep prompts, and
     for shallow/gated ones the prompts themselves for block 0, then the propagated prompt rows (B, Np, D)
-    (after the gate). ``prompts`` is None for a model without prompts.
+    (after the gate); with ``prompt.blocks`` a block without a set gets the prompt rows carried in. ``prompts`` is
+    None where no prompt enters the block (a model without prompts; blocks before the first set).
     """
     L = len(model.backbone.blocks)
     B = x.shape[0]
@@ -125,8 +126,9 @@ class NMIRecorder:
     ``saturation()`` the matching ``saturated_fraction``.
     """
 
-    def __init__(self, depth: int):
+    def __init__(self, depth: int, unprompted: tuple[int, ...] = ()):
         self.depth = depth
+        self.unprompted = set(unprompted)  # blocks no prompt enters (before the first set of prompt.blocks): NaN
         self._rows: list[np.ndarray] = []
         self._sat_rows: list[np.ndarray] = []
         self._batch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -135,9 +137,13 @@ class NMIRecorder:
         self._flush()
 
     def __call__(self, i: int, prompts: torch.Tensor | None, patches: torch.Tensor) -> None:
-        if prompts is None:
-            raise ValueError("the model has no prompts: NMI needs prompt tokens")
         B = patches.shape[0]
+        if prompts is None and i not in self.unprompted:
+            raise ValueError("the model has no prompts: NMI needs prompt tokens")
+        if prompts is None:  # no prompt enters block i: NMI is undefined there, NaN
+            nan = torch.full((B,), float("nan"), dtype=torch.float64)
+            self._batch[i] = (nan, nan)
+            return
         logits = pair_logits(prompts, patches)
         self._batch[i] = (nmi_from_logits(logits).expand(B).cpu(), saturated_fraction(logits).expand(B).cpu())
 
@@ -163,10 +169,13 @@ class NMIRecorder:
 def summarize(values: np.ndarray, saturation: np.ndarray | None = None) -> dict:
     """Mean and (population) standard deviation over images of an (images, L) NMI array, per block 1..L, and the
     mean saturated fraction when given."""
+    def numbers(col: np.ndarray) -> list[float | None]:  # None (JSON null) for a block no prompt enters
+        return [float(v) if np.isfinite(v) else None for v in col]
+
     out = {"blocks": list(range(1, values.shape[1] + 1)),
-           "nmi_mean": [float(v) for v in values.mean(axis=0)],
-           "nmi_std": [float(v) for v in values.std(axis=0)],
+           "nmi_mean": numbers(values.mean(axis=0)),
+           "nmi_std": numbers(values.std(axis=0)),
            "images": int(values.shape[0])}
     if saturation is not None:
-        out["saturated_fraction"] = [float(v) for v in saturation.mean(axis=0)]
+        out["saturated_fraction"] = numbers(saturation.mean(axis=0))
     return out

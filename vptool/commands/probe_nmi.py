@@ -116,14 +116,24 @@ def run(target: Path, prompts, set_, split: str, max_images, history: bool, comp
         obs.stop()
 
 
+def _num(v, spec: str, width: int = 0) -> str:
+    """``v`` formatted (negative zero as 0), or ``-`` for a block no prompt enters (None)."""
+    return f"{'-':>{width}}" if v is None else f"{max(v, 0.0):>{width}{spec}}"
+
+
+def _mean(row: list) -> float:
+    """The mean over the blocks that have prompts."""
+    got = [v for v in row if v is not None]
+    return sum(got) / len(got) if got else 0.0
+
+
 def print_compare(result: dict) -> None:
     """--compare: the mean NMI over blocks, first and last epoch, per run."""
     print(f"NMI per epoch (SPT eq. 7-8), {result['split']} split, {result['images']} images; mean over blocks:")
     for x in result["runs"]:
         first, last = x["nmi_mean"][0], x["nmi_mean"][-1]
         print(f"  {x['label']} ({x['method']}, init {x['prompt_init']}): epoch {x['epochs'][0]} "
-              f"{max(sum(first) / len(first), 0.0):.5f} -> epoch {x['epochs'][-1]} "
-              f"{max(sum(last) / len(last), 0.0):.5f}")
+              f"{_num(_mean(first), '.5f')} -> epoch {x['epochs'][-1]} {_num(_mean(last), '.5f')}")
     print("-> " + ", ".join(result["outputs"].values()))
 
 
@@ -135,12 +145,12 @@ def print_probe(result: dict, history: bool) -> None:
         L = len(result["blocks"])
         print("epoch  " + " ".join(f"{f'block {b}':>9}" for b in result["blocks"]))
         for e, row in zip(result["epochs"], result["nmi_mean"]):
-            print(f"{e:>5}  " + " ".join(f"{max(row[b], 0.0):>9.5f}" for b in range(L)))  # no -0.00000
+            print(f"{e:>5}  " + " ".join(_num(row[b], ".5f", 9) for b in range(L)))  # no -0.00000
     else:
         print("block  NMI mean   NMI std    saturated |P.E|>10")
         for b, m, sd, f in zip(result["blocks"], result["nmi_mean"], result["nmi_std"],
                                result["saturated_fraction"]):
-            print(f"{b:>5}  {max(m, 0.0):.6f}  {sd:.6f}   {f:.3f}")
+            print(f"{b:>5}  {_num(m, '.6f', 8)}  {_num(sd, '.6f', 8)}   {_num(f, '.3f', 5)}")
     print("-> " + ", ".join(result["outputs"].values()))
 
 

@@ -232,7 +232,7 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
     L = len(backbone.blocks)
     Np = recipe.prompt.length
     mode = mode_for(recipe.prompt.mode)
-    levels = mode.init_levels(L, spec.source)
+    levels = mode.init_levels(L, spec.source, recipe.prompt.blocks)
     unique = sorted(set(levels))
     amp = autocast_dtype(recipe.train.precision, device)
     g = torch.Generator().manual_seed(spec.seed)

@@ -112,7 +112,7 @@ def _use_prompt_file(setup: Setup, path: Path) -> None:
     bb = model.backbone
     check_prompt_file_backbone(path, setup.backbone, bb.embed_dim, len(bb.blocks), key="--prompts")
     name = model.mode.tensor_name
-    shape = model.mode.shape(len(bb.blocks), model.prompts.length, bb.embed_dim)
+    shape = model.mode.shape(len(bb.blocks), model.prompts.length, bb.embed_dim, model.config.prompt_blocks)
     t = load_prompt_file(str(path), name, shape, key="--prompts")
     load_tensors(model, {name: t}, f"--prompts: {path}")
 
@@ -184,7 +184,8 @@ def nmi_per_image(model, loader, device: torch.device, on_batch=None) -> tuple[n
     """
     was_training = model.training
     model.eval()
-    rec = NMIRecorder(len(model.backbone.blocks))
+    first = min(model.prompt_set_at, default=0)  # blocks before the first prompt set have no prompts to probe
+    rec = NMIRecorder(len(model.backbone.blocks), unprompted=tuple(range(first)))
     try:
         for x, _ in loader:
             rec.start_batch()
@@ -267,7 +268,7 @@ def run_probe(target: ProbeTarget, split: str = "train", max_images: int | None 
         values, sat = nmi_per_image(model, loader, setup.device, on_batch=lambda: _obs_step(observer))
         result = {**base, "prompts": target.prompts, **summarize(values, sat)}
         write_csv_atomically(paths["csv"], ["block", "nmi_mean", "nmi_std", "saturated_fraction", "images"],
-                             ([b, f"{m:.8g}", f"{s:.8g}", f"{f:.6g}", result["images"]] for b, m, s, f in
+                             ([b, _cell(m, ".8g"), _cell(s, ".8g"), _cell(f, ".6g"), result["images"]] for b, m, s, f in
                               zip(result["blocks"], result["nmi_mean"], result["nmi_std"],
                                   result["saturated_fraction"])))
         fig = plots.nmi_blocks_figure(result["nmi_mean"], result["nmi_std"],
@@ -280,7 +281,8 @@ def run_probe(target: ProbeTarget, split: str = "train", max_images: int | None 
                   "nmi_mean": means, "nmi_std": stds, "saturated_fraction": sats,
                   "snapshots": [str(p) for _, p in snapshots]}
         write_csv_atomically(paths["csv"], ["epoch", "block", "nmi_mean", "nmi_std", "saturated_fraction", "images"],
-                             ([e, b + 1, f"{m_row[b]:.8g}", f"{s_row[b]:.8g}", f"{f_row[b]:.6g}", len(ds)]
+                             ([e, b + 1, _cell(m_row[b], ".8g"), _cell(s_row[b], ".8g"), _cell(f_row[b], ".6g"),
+                               len(ds)]
                               for e, m_row, s_row, f_row in zip(epochs, means, stds, sats) for b in range(L)))
         fig = plots.nmi_history_figure(epochs, means, f"NMI per epoch ({split}, {len(ds)} images)\n"
                                                       f"{_title(target)}")
@@ -289,6 +291,11 @@ def run_probe(target: ProbeTarget, split: str = "train", max_images: int | None 
     result["outputs"] = {k: str(v) for k, v in paths.items()}
     write_text_atomically(paths["json"], json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _cell(v: float | None, spec: str) -> str:
+    """A CSV number, empty for a block no prompt enters (None)."""
+    return "" if v is None else format(v, spec)
 
 
 def history_values(model, loader, device: torch.device, snapshots: list[tuple[int, Path]], observer=None

@@ -184,7 +184,7 @@ def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
     p, mode = recipe.prompt, mode_for(recipe.prompt.mode)
     Np = p.length if mode.has_prompts else 0
     T = prefix + n_patches + Np + (0 if recipe.tokens.mask == "none" else 1)
-    prompt_params = mode.trained_values(L, Np, D)
+    prompt_params = mode.trained_values(L, Np, D, p.blocks)
     backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
     from vptool.engine.dist import from_env
 

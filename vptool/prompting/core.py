@@ -8,8 +8,9 @@ papers use. The axes, each independent of the others:
   - ``shallow`` (VPT, Jia et al. 2022, eq. 4-5): one set P (Np, D) inserted once and carried through every block.
   - ``deep`` (VPT eq. 7): L sets P (L, Np, D); set i enters block i+1 and the block's prompt outputs are dropped.
     Computed in the prefix form (``attention.prompted_attention(prefix=...)``), equal to the concatenated form on every
-    other row. When the readout needs the last block's prompt outputs (``avg_all``) the last block runs
-    concatenated.
+    other row. When the readout needs the last block's prompt outputs (``avg_all``, ``prompt``) the last block runs
+    concatenated. ``prompt.blocks`` (Fig. 7) gives sets to some blocks only, (S, Np, D); a block without a set
+    carries the prompt rows it is given.
   - ``gated`` (GateVPT, Yoo et al. 2023, eq. 6-8, Alg. 1): shallow prompts; after block l (l = 1..L-1, not the
     last) the prompt rows become ``g_l * out + (1 - g_l) * in`` with ``g_l = sigmoid(gamma_l)`` (eq. 6-7).
     Gate priors start at ``gamma_l = -gate_init`` (official code). ``hard`` gates (Table 4 ablation) are a
@@ -128,6 +129,11 @@ class PromptedCore(nn.Module):
         self.deep_form = c.deep_form
         self.num_prefix_tokens = backbone.num_prefix_tokens
         D, L = backbone.embed_dim, len(backbone.blocks)
+        if c.readout_pool == "prompt" and not self.mode.has_prompts:
+            raise UserError("readout.pool: 'prompt' pools the prompt tokens; prompt.mode none has none; use cls or "
+                            "avg")
+        # block index -> its prompt set (prompt.blocks, VPT Fig. 7): every block for deep, block 0 for shallow
+        self.prompt_set_at = {b: j for j, b in enumerate(self.mode.sets(L, c.prompt_blocks))}
         self.prompts = self._build_prompts(c, prompt_values, generator)
         self.gates = None
         for name, module in self.mode.extras(L, c).items():  # e.g. GateVPT's gates
@@ -172,7 +178,7 @@ class PromptedCore(nn.Module):
             return None
         bb = self.backbone
         D, L = bb.embed_dim, len(bb.blocks)
-        shape = mode.shape(L, c.prompt_length, D)
+        shape = mode.shape(L, c.prompt_length, D, c.prompt_blocks)
         name = mode.tensor_name
         if values is not None:
             if tuple(values.shape) != shape:
@@ -351,9 +357,9 @@ class PromptedCore(nn.Module):
             output_fmt: ``NCHW`` (patch tokens as (B, D, h, w) with h, w the patch grid) or ``NLC`` ((B, N, D)).
             intermediates_only: return only the list of intermediates.
             return_prompt_tokens: vptool's addition: also return the prompt rows after each block, (B, Np, D),
-                i.e. the rows entering the next block (after the gate for gated prompts); None for deep prompts,
-                whose rows are not computed in the prefix form (block i + 1 sees the learned set
-                ``prompts.set(i + 1, B)``) and without prompts.
+                i.e. the rows entering the next block (after the gate for gated prompts); None where a block's
+                prompt outputs are not kept (deep prompts in the prefix form: the next block gets its learned set)
+                and without prompts.
 
         Returns:
             ``intermediates`` (``intermediates_only``) or ``(final, intermediates)``. Each intermediate is the
@@ -414,6 +420,8 @@ class PromptedCore(nn.Module):
             z = x[:, 0]
         elif self.readout_pool == "avg":
             z = x[:, sl["X"]].mean(dim=1)
+        elif self.readout_pool == "prompt":  # VPT Fig. 8 Prompt-pool: the mean of the final prompt tokens
+            z = x[:, sl["P"]].mean(dim=1)
         elif self.readout_pool == "mask":
             z = x[:, sl["M"].start]
         else:  # avg_all: every row after the prefix tokens

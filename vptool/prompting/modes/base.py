@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vptool.config import block_indices
+from vptool.errors import UserError
+
 
 class PromptTokens(nn.Module):
     """Learnable prompt tokens: ``shallow`` (Np, D) or ``deep`` (L, Np, D), with prompt dropout.
@@ -69,17 +72,32 @@ class PromptModeUnit:
         """``prompts.shallow`` / ``prompts.deep`` (the adapter and init-prompts file name), or None."""
         return None if self.tensor is None else f"prompts.{self.tensor}"
 
-    def num_sets(self, L: int) -> int:
-        """Prompt sets S: 1 for one set carried through the blocks, L for one set per block."""
-        return L if self.tensor == "deep" else 1
+    def sets(self, L: int, blocks: str | None = None) -> tuple[int, ...]:
+        """The blocks (0-based, ascending) a prompt set enters, one per set: () without prompts, (0,) for one set
+        carried through the blocks, every block for a set per block, or those ``blocks`` (``prompt.blocks``,
+        VPT Fig. 7; deep prompts only) names.
 
-    def shape(self, L: int, Np: int, D: int) -> tuple[int, ...]:
-        """The prompt tensor's shape: (Np, D) or (L, Np, D)."""
-        return (Np, D) if self.tensor == "shallow" else (L, Np, D)
+        Raises:
+            UserError: ``blocks`` given to a mode whose prompts enter block 1 only, or naming a block past L.
+        """
+        if self.tensor is None or self.tensor == "shallow":
+            if blocks is not None:
+                has = "no prompts" if self.tensor is None else "one prompt set, entering block 1"
+                raise UserError(f"prompt.blocks: {blocks!r} chooses the blocks of deep prompts (VPT Fig. 7); "
+                                f"prompt.mode {self.name} has {has}; drop prompt.blocks or use prompt.mode deep")
+            return () if self.tensor is None else (0,)
+        try:
+            return block_indices(blocks, L)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
 
-    def trained_values(self, L: int, Np: int, D: int) -> int:
+    def shape(self, L: int, Np: int, D: int, blocks: str | None = None) -> tuple[int, ...]:
+        """The prompt tensor's shape: (Np, D), or (S, Np, D) for a set per prompted block (S = L by default)."""
+        return (Np, D) if self.tensor == "shallow" else (len(self.sets(L, blocks)), Np, D)
+
+    def trained_values(self, L: int, Np: int, D: int, blocks: str | None = None) -> int:
         """How many prompt values train (the memory estimate): Np·D per set."""
-        return 0 if self.tensor is None else self.num_sets(L) * Np * D
+        return len(self.sets(L, blocks)) * Np * D
 
     def extras(self, L: int, config) -> dict[str, nn.Module]:
         """Modules the mode adds beside the prompts (attribute name -> module), e.g. GateVPT's ``gates``."""
@@ -108,13 +126,16 @@ class PromptModeUnit:
         return model.prompts.set(None, B) if i == 0 else rows
 
     # ------------------------------------------------------------------------------------------- init
-    def init_levels(self, L: int, source: str) -> list[int]:
+    def init_levels(self, L: int, source: str, blocks: str | None = None) -> list[int]:
         """The token levels SPT's init needs, one per set: level t is the input of block t + 1 (t = 0: the
-        embedding; t = L: the last block's output). ``source`` (``prompt.init_source``): ``same`` (set i from
-        level i), ``first`` (every set from level 0) or ``last`` (every set from level L)."""
+        embedding; t = L: the last block's output). ``source`` (``prompt.init_source``): ``same`` (the set
+        entering block b from the tokens entering it, level b - 1 for 1-based b), ``first`` (every set from level
+        0) or ``last`` (every set from level L)."""
         from vptool.prompting.spt import source_levels
 
-        return [] if self.tensor is None else source_levels(self.num_sets(L), L, source)
+        sets = self.sets(L, blocks)
+        levels = source_levels(len(sets), L, source)  # checks source
+        return list(sets) if source == "same" else levels
 
     def from_sets(self, sets: list[torch.Tensor]) -> torch.Tensor:
         """The prompt tensor from its sets, each (Np, D): (Np, D) for one set, (S, Np, D) for a set per block."""
