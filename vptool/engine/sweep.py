@@ -104,7 +104,7 @@ class Sweep:
                 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"optuna(\.|$)")
                 warnings.filterwarnings("ignore", message=r".*(failed_trial_callback|RetryFailedTrialCallback)")
-                report = self._run(optuna)
+                report = self._join_and_train(optuna)
         finally:
             optuna.logging.set_verbosity(old_verbosity)
             if self.store is not None:
@@ -115,7 +115,7 @@ class Sweep:
                            f"{self.logs}/ (reports: {self.outputs['csv']})")
         return report
 
-    def _run(self, optuna) -> dict:
+    def _join_and_train(self, optuna) -> dict:
         """Open the study, train until every grid point has a result, and write the reports (also when stopped)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         self.store = SweepStudy(self.grid, self.storage_url, self.shown_url, self.study_name, self.sweep_dir,
