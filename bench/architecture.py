@@ -57,7 +57,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # model layer's PromptedCore; vptool.builder builds either, handed the class
     ("library", ("vptool", "vptool.recipe", "vptool.builder", "vptool.adapter", "vptool.inference",
                  "vptool.export", "vptool.prompting.model")),
-    ("engine", ("vptool.engine",)),
+    # vptool.engine.train is the train entry point; runplan decides where a run writes, schedule holds the lr
+    # schedule, optimizer and data order, loop the training loop
+    ("engine", ("vptool.engine", "vptool.engine.runplan", "vptool.engine.schedule", "vptool.engine.loop")),
     ("commands", ("vptool.commands", "vptool.cli", "vptool.cli_sweep", "vptool.__main__")),
 )
 

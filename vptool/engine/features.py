@@ -28,9 +28,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
+from vptool.engine import dist
+from vptool.engine.runtime import autocast
 from vptool.recipe import Recipe
 
 #: the cache folder inside a run directory (removed when training ends, and by the next run if one was killed)
@@ -161,11 +165,6 @@ def build(model, setup, recipe: Recipe, run: Path, rank: int, observer, loader_f
     Raises:
         RunError: a peer rank failed during a gather (``vptool.engine.dist``).
     """
-    from torch.utils.data import DistributedSampler
-
-    from vptool.engine import dist
-    from vptool.engine.runtime import autocast
-
     device, amp = setup.device, setup.amp_dtype
     pre_norm = _trains(model.fc_norm)
     fn = feature_fn(model, pre_norm)
@@ -173,15 +172,7 @@ def build(model, setup, recipe: Recipe, run: Path, rank: int, observer, loader_f
     splits = {s: len(setup.splits[s]) for s in ("train", "val")}
     nbytes = 4 * D * sum(splits.values())
     storage = plan_storage(nbytes, device)
-    folder = None
-    if rank == 0:
-        shutil.rmtree(run / CACHE_DIR, ignore_errors=True)  # a killed attempt's leftovers
-    if storage == "file":
-        import numpy as np
-
-        folder = cache_folder(run, rank)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+    folder = _clear_folders(run, rank, storage)
     what = "pooled features before the trainable readout norm" if pre_norm else "readout features"
     where = {"device": f"in {device.type} memory", "cpu": "in host memory",
              "file": f"in {folder} (memory-mapped, deleted when training ends)"}[storage]
@@ -193,32 +184,9 @@ def build(model, setup, recipe: Recipe, run: Path, rank: int, observer, loader_f
     model.eval()
     try:
         for split, n in splits.items():
-            if storage == "file":
-                mm = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.float32, shape=(n, D))
-                cache._maps.append(mm)
-                store = torch.from_numpy(mm)
-            else:
-                store = torch.empty(n, D, dtype=torch.float32, device=device if storage == "device" else "cpu")
+            store = _new_store(cache, split, n, D, device)
             labels = torch.empty(n, dtype=torch.int64)
-            loader = loader_for(split)
-            sampler = loader.sampler
-            W = sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
-            observer.eval_start(f"features {split}", len(loader))
-            pos = 0  # rows of this rank's shard done; with W ranks, shard row i is dataset position i * W + rank
-            for x, y in loader:
-                with autocast(device, amp):
-                    z = fn(x.to(device, non_blocking=True))
-                z, y = z.float(), torch.as_tensor(y)
-                b = z.shape[0]
-                if W > 1:  # rows (pos + i) * W + r, i < b, r < W: dataset positions pos * W .. (pos + b) * W - 1
-                    z = dist.gather_rows(z, W * b, "gathering the cached features")
-                    y = dist.gather_rows(y.to(device), W * b, "gathering the cached labels").cpu()
-                start = pos * W
-                keep = max(0, min(z.shape[0], n - start))  # the sampler's padding comes last
-                store[start:start + keep] = z[:keep].to(store.device)
-                labels[start:start + keep] = y[:keep]
-                pos += b
-                observer.eval_step()
+            _fill(store, labels, fn, loader_for(split), device, amp, observer, f"features {split}")
             cache.features[split], cache.labels[split] = store, labels
     except BaseException:
         cache.close()
@@ -228,13 +196,59 @@ def build(model, setup, recipe: Recipe, run: Path, rank: int, observer, loader_f
     return cache
 
 
+def _clear_folders(run: Path, rank: int, storage: str) -> Path | None:
+    """Remove a killed attempt's cache (rank 0); for ``file`` storage, make this rank's empty cache folder and
+    return it."""
+    if rank == 0:
+        shutil.rmtree(run / CACHE_DIR, ignore_errors=True)  # a killed attempt's leftovers
+    if storage != "file":
+        return None
+    folder = cache_folder(run, rank)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _new_store(cache: FeatureCache, split: str, n: int, D: int, device: torch.device) -> torch.Tensor:
+    """An (n, D) float32 tensor for ``split``'s features where ``cache.storage`` says: a memory-mapped
+    ``<folder>/<split>.npy`` (kept open by the cache), ``device`` or host memory."""
+    if cache.storage == "file":
+        mm = np.lib.format.open_memmap(cache.folder / f"{split}.npy", mode="w+", dtype=np.float32, shape=(n, D))
+        cache._maps.append(mm)
+        return torch.from_numpy(mm)
+    return torch.empty(n, D, dtype=torch.float32, device=device if cache.storage == "device" else "cpu")
+
+
+def _fill(store: torch.Tensor, labels: torch.Tensor, fn, loader, device: torch.device, amp, observer,
+          what: str) -> None:
+    """Write ``fn`` of every image of ``loader`` into ``store`` (n, D) and its label into ``labels`` (n,), in
+    dataset order; under torchrun each batch's shards are gathered from every rank."""
+    n = labels.shape[0]
+    sampler = loader.sampler
+    W = sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
+    observer.eval_start(what, len(loader))
+    pos = 0  # rows of this rank's shard done; with W ranks, shard row i is dataset position i * W + rank
+    for x, y in loader:
+        with autocast(device, amp):
+            z = fn(x.to(device, non_blocking=True))
+        z, y = z.float(), torch.as_tensor(y)
+        b = z.shape[0]
+        if W > 1:  # rows (pos + i) * W + r, i < b, r < W: dataset positions pos * W .. (pos + b) * W - 1
+            z = dist.gather_rows(z, W * b, "gathering the cached features")
+            y = dist.gather_rows(y.to(device), W * b, "gathering the cached labels").cpu()
+        start = pos * W
+        keep = max(0, min(z.shape[0], n - start))  # the sampler's padding comes last
+        store[start:start + keep] = z[:keep].to(store.device)
+        labels[start:start + keep] = y[:keep]
+        pos += b
+        observer.eval_step()
+
+
 @torch.no_grad()
 def predict_cached(head: nn.Module, cache: FeatureCache, split: str, batch_size: int, device: torch.device,
                    amp_dtype, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``evaluate.predict`` on cached features: ``(logits (N, K) float32 on CPU, labels (N,))``; every rank
     holds every row, so nothing is gathered."""
-    from vptool.engine.runtime import autocast
-
     was_training = head.training
     head.eval()
     n = cache.labels[split].shape[0]

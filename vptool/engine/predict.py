@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from vptool.adapter import read_config
 from vptool.errors import UserError
 from vptool.inference import Preprocess, expand_inputs, open_source, read_image, top_k_rows
+from vptool.paths import Read, check_new_file, refuse_inputs, source_reads, write_text_atomically
 from vptool.progress import Progress
 
 
@@ -78,28 +80,13 @@ def run_predict(source: str | Path, inputs: list[str], top_k: int = 5, batch_siz
             is not a run directory, adapter folder or vptool ``.onnx`` file, a missing backbone checkpoint; an
             ``output`` that is an input or exists (without ``overwrite``).
     """
-    from vptool.adapter import read_config
-    from vptool.paths import write_text_atomically
-
     obs = observer or Progress()
     t0 = time.time()
     paths = expand_inputs(inputs, stdin)
     src = Path(source)
     if output is not None:
-        from vptool.paths import Read, check_new_file, refuse_inputs, source_reads
-
-        given = [Path(x) for x in inputs if x != "-"]
-        reads = source_reads(src, backbone_checkpoint=backbone_checkpoint)
-        reads += [Read("image folder" if p.is_dir() else "image", p) for p in given]
-        if "-" in inputs:  # the files named on stdin (those found in a folder lie inside it)
-            reads += [Read("image", p) for p in paths]
-        refuse_inputs("-o", output, reads)
-        check_new_file(output, "-o", None, overwrite)
-    if src.suffix != ".onnx":
-        read_config(src)  # a wrong SOURCE is named before any image is decoded
-    elif not src.is_file():
-        raise UserError(f"{src}: not found; pass an .onnx file from vptool export, a run directory or an adapter "
-                        "folder")
+        _check_output(output, src, inputs, paths, backbone_checkpoint, overwrite)
+    _check_source(src)
     obs.start()
     try:
         if not skip_bad:
@@ -109,30 +96,61 @@ def run_predict(source: str | Path, inputs: list[str], top_k: int = 5, batch_siz
         k = min(top_k, len(runner.classes))
         buf = io.StringIO() if output is not None else None
         rows = _Rows(buf if buf is not None else (stdout or sys.stdout), fmt, k)
-        bad = 0
-        obs.eval_start("predict", len(paths))
-        for s in range(0, len(paths), batch_size):
-            chunk = paths[s:s + batch_size]
-            tensors, errors = [], {}
-            for i, p in enumerate(chunk):
-                try:
-                    tensors.append(prep.from_pil(read_image(p)))
-                except UserError as exc:
-                    if not skip_bad:
-                        raise
-                    errors[i] = str(exc)
-            results = iter(top_k_rows(runner(torch.stack(tensors)), runner.classes, k) if tensors else [])
-            for i, p in enumerate(chunk):
-                if i in errors:
-                    bad += 1
-                    rows.write(p, None, errors[i])
-                else:
-                    rows.write(p, next(results))
-                obs.eval_step()
-            rows.flush()
+        bad = _predict_rows(runner, prep, paths, rows, k, batch_size, skip_bad, obs)
     finally:
         obs.stop()
     if output is not None:
         write_text_atomically(output, buf.getvalue())
     return {"images": len(paths), "bad": bad, "seconds": round(time.time() - t0, 3),
             "output": str(output) if output is not None else None}
+
+
+def _check_output(output: str | Path, src: Path, inputs: list[str], paths: list[Path],
+                  backbone_checkpoint: str | Path | None, overwrite: bool) -> None:
+    """Refuse an ``-o`` file that is, contains or lies inside what the command reads (the source, its backbone
+    checkpoint, the images and their folders), or that exists (without ``overwrite``)."""
+    given = [Path(x) for x in inputs if x != "-"]
+    reads = source_reads(src, backbone_checkpoint=backbone_checkpoint)
+    reads += [Read("image folder" if p.is_dir() else "image", p) for p in given]
+    if "-" in inputs:  # the files named on stdin (those found in a folder lie inside it)
+        reads += [Read("image", p) for p in paths]
+    refuse_inputs("-o", output, reads)
+    check_new_file(output, "-o", None, overwrite)
+
+
+def _check_source(src: Path) -> None:
+    """Name a wrong SOURCE before any image is decoded: an adapter folder or run directory whose config does not
+    read, or a missing ``.onnx`` file."""
+    if src.suffix != ".onnx":
+        read_config(src)
+    elif not src.is_file():
+        raise UserError(f"{src}: not found; pass an .onnx file from vptool export, a run directory or an adapter "
+                        "folder")
+
+
+def _predict_rows(runner, prep: Preprocess, paths: list[Path], rows: _Rows, k: int, batch_size: int,
+                  skip_bad: bool, obs) -> int:
+    """Classify ``paths`` in batches of ``batch_size`` and write one row each, in order; returns how many images
+    were unreadable (written as error rows under ``skip_bad``, else the first raises its UserError)."""
+    bad = 0
+    obs.eval_start("predict", len(paths))
+    for s in range(0, len(paths), batch_size):
+        chunk = paths[s:s + batch_size]
+        tensors, errors = [], {}
+        for i, p in enumerate(chunk):
+            try:
+                tensors.append(prep.from_pil(read_image(p)))
+            except UserError as exc:
+                if not skip_bad:
+                    raise
+                errors[i] = str(exc)
+        results = iter(top_k_rows(runner(torch.stack(tensors)), runner.classes, k) if tensors else [])
+        for i, p in enumerate(chunk):
+            if i in errors:
+                bad += 1
+                rows.write(p, None, errors[i])
+            else:
+                rows.write(p, next(results))
+            obs.eval_step()
+        rows.flush()
+    return bad

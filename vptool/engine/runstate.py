@@ -1,4 +1,5 @@
-"""What keeps a run directory safe: its lock, its state, atomic checkpoints, signals, and a fault-injection hook.
+"""What keeps a run directory safe: its lock, its state, atomic checkpoints (with every RNG state: ``rng_state``),
+signals, and a fault-injection hook.
 
 Guarantees (README "Faults and resuming"):
 
@@ -26,12 +27,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vptool.errors import RunError, UserError
@@ -185,6 +188,28 @@ def dumps_strict(obj, indent: int | None = None) -> str:
         return v
 
     return json.dumps(clean(obj), allow_nan=False, indent=indent)
+
+
+# --------------------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    """Every RNG state this process draws from, as ``checkpoints/last.pt`` stores it (``weights_only``-loadable):
+    ``torch``, ``python``, ``numpy`` (the key array as an int64 tensor) and, with CUDA, ``cuda`` (one per device)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned; the CUDA states only when this process sees as many devices."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------------------------------- lock
