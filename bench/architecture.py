@@ -55,8 +55,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", ("vptool.prompting", "vptool.backbones", "vptool.conventions", "vptool.data", "vptool.analysis")),
     # the library face: vptool.prompting.model's PromptedViT adds predict/save_pretrained/from_pretrained to the
     # model layer's PromptedCore; vptool.builder builds either, handed the class
-    ("library", ("vptool", "vptool.recipe", "vptool.builder", "vptool.adapter", "vptool.inference",
-                 "vptool.export", "vptool.prompting.model")),
+    # vptool.presets, vptool.recipe_checks and vptool.overrides: parts of the recipe (re-exported by vptool.recipe)
+    ("library", ("vptool", "vptool.recipe", "vptool.presets", "vptool.recipe_checks", "vptool.overrides",
+                 "vptool.builder", "vptool.adapter", "vptool.inference", "vptool.export", "vptool.prompting.model")),
     ("engine", ("vptool.engine",)),
     ("commands", ("vptool.commands", "vptool.cli", "vptool.cli_sweep", "vptool.__main__")),
 )
