@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from vptool.builder import backbone_record  # noqa: F401  (re-exported: adapter was its home)
-from vptool.config import ModelConfig
+from vptool.config import ModelConfig, field_names
 from vptool.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -413,20 +413,9 @@ def from_preset(name: str, backbone, num_classes: int, *, class_names: list[str]
     """
     from vptool.backbones.build import build_backbone
     from vptool.builder import build_model, resolve_readout_auto
-    from vptool.config import field_names
-    from vptool.recipe import PRESETS, Recipe, deep_merge
+    from vptool.recipe import PRESETS
 
-    if name not in PRESETS:
-        raise ValueError(f"preset {name!r} is not one of {', '.join(repr(p) for p in PRESETS)}")
-    given = {k: overrides.pop(k) for k in ("prompt_values", "pretrained_mask_token") if k in overrides}
-    accepted = (set(field_names()) - {"num_classes"}) | {"prompt_values", "pretrained_mask_token"}
-    unknown = sorted(set(overrides) - accepted)
-    if unknown:
-        raise ValueError(f"from_preset: unknown option {unknown[0]!r}; options: {', '.join(sorted(accepted))}")
-    if "temperature_range" in overrides:
-        overrides["temperature_range"] = tuple(overrides["temperature_range"])
-    config = ModelConfig.from_recipe(deep_merge(Recipe().to_dict(), PRESETS[name].defaults),
-                                     num_classes=num_classes).replace(**overrides)
+    config, given = _preset_config(name, num_classes, overrides)
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"class_names: {len(class_names)} names for num_classes={num_classes}")
     record, info = None, None
@@ -449,3 +438,26 @@ def from_preset(name: str, backbone, num_classes: int, *, class_names: list[str]
                            class_names=class_names if class_names is not None else
                            [str(k) for k in range(num_classes)], eval_transform=eval_transform,
                            adapter_info={"method": name}, model_cls=model_cls, **given)
+
+
+def _preset_config(name: str, num_classes: int, overrides: dict) -> tuple[ModelConfig, dict]:
+    """``(config, given)``: the preset's ``ModelConfig`` with ``overrides`` (``PromptedViT`` keywords) applied,
+    and the tensors given (``prompt_values``, ``pretrained_mask_token``), popped from ``overrides``.
+
+    Raises:
+        ValueError: an unknown preset or option, or an option value outside its allowed values.
+    """
+    from vptool.recipe import PRESETS, Recipe, deep_merge
+
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is not one of {', '.join(repr(p) for p in PRESETS)}")
+    given = {k: overrides.pop(k) for k in ("prompt_values", "pretrained_mask_token") if k in overrides}
+    accepted = (set(field_names()) - {"num_classes"}) | {"prompt_values", "pretrained_mask_token"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(f"from_preset: unknown option {unknown[0]!r}; options: {', '.join(sorted(accepted))}")
+    if "temperature_range" in overrides:
+        overrides["temperature_range"] = tuple(overrides["temperature_range"])
+    config = ModelConfig.from_recipe(deep_merge(Recipe().to_dict(), PRESETS[name].defaults),
+                                     num_classes=num_classes).replace(**overrides)
+    return config, given

@@ -269,9 +269,29 @@ def export(source: str | Path, fmt: str, out: str | Path, opset: int | None = No
             (with or without ``overwrite``: ``paths.refuse_inputs``).
         RunError: the exported graph does not reproduce the model (the file is removed).
     """
-    from vptool.adapter import load_with_info, save_pretrained
-    from vptool.paths import refuse_inputs, source_reads
+    from vptool.adapter import load_with_info
     from vptool.prompting.model import PromptedViT
+
+    out = _checked_request(source, fmt, out, opset, overwrite, backbone_checkpoint)
+    model, _, cfg = load_with_info(source, device="cpu", backbone_checkpoint=backbone_checkpoint,
+                                   model_cls=PromptedViT)
+    model.float().eval()
+    report = {"source": str(source), "format": fmt, "output": str(out), "classes": len(model.class_names),
+              "input_size": list(model.data_config["input_size"])}
+    if fmt == "adapter":
+        return _export_adapter(model, out, report)
+    return _export_graph(model, cfg, fmt, out, opset, report)
+
+
+def _checked_request(source: str | Path, fmt: str, out: str | Path, opset: int | None, overwrite: bool,
+                     backbone_checkpoint: str | Path | None) -> Path:
+    """The output path, once the request is checked before any work: ``out`` clear of the inputs, its suffix and
+    folder (``check_output``), the format's extra installed, and ``--opset`` only with onnx, in range.
+
+    Raises:
+        UserError: one line naming ``-o``, ``--format`` or ``--opset``.
+    """
+    from vptool.paths import refuse_inputs, source_reads
 
     if fmt in FORMATS:
         refuse_inputs("-o", out, source_reads(source, backbone_checkpoint=backbone_checkpoint))
@@ -286,22 +306,32 @@ def export(source: str | Path, fmt: str, out: str | Path, opset: int | None = No
         if not MIN_OPSET <= opset <= newest:
             raise UserError(f"--opset: {opset} is outside {MIN_OPSET}..{newest} (torch's ONNX exporter starts at "
                             f"{MIN_OPSET}; onnx {onnx.__version__} knows up to {newest})")
-    model, _, cfg = load_with_info(source, device="cpu", backbone_checkpoint=backbone_checkpoint,
-                                   model_cls=PromptedViT)
-    model.float().eval()
-    report = {"source": str(source), "format": fmt, "output": str(out), "classes": len(model.class_names),
-              "input_size": list(model.data_config["input_size"])}
-    if fmt == "adapter":
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    return out
+
+
+def _export_adapter(model, out: Path, report: dict) -> dict:
+    """Write the adapter folder at ``out`` (a temporary folder swapped into place); ``report`` with its files."""
+    from vptool.adapter import save_pretrained
+
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp, name=out.name)
+        _swap_folder(tmp, out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            save_pretrained(model, tmp, name=out.name)
-            _swap_folder(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        report["bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        report["files"] = sorted(f.name for f in out.iterdir())
-        return report
+    report["bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    report["files"] = sorted(f.name for f in out.iterdir())
+    return report
+
+
+def _export_graph(model, cfg: dict, fmt: str, out: Path, opset: int | None, report: dict) -> dict:
+    """Write ``model`` as a verified ``fmt`` graph at ``out`` (a temporary file renamed into place); ``report``
+    with the check's results.
+
+    Raises:
+        RunError: the graph does not reproduce the model (nothing is written).
+    """
     # an inference graph: no tensor requires grad (with grad-requiring tensors torch.export records SDPA kernels
     # whose output strides the ONNX decomposition then mis-views, on BEiT with gates, say)
     model.requires_grad_(False)

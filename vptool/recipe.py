@@ -5,12 +5,13 @@ A recipe is resolved in four layers, later ones winning: the schema's defaults, 
 unknown keys are errors that name the dotted path and the nearest valid key, wrong types and missing required
 keys likewise, and every problem is collected and reported at once (``RecipeError``).
 
-The YAML is read with ``yaml.safe_load``; nothing in a recipe is ever executed.
+The YAML is read with ``yaml.safe_load``; nothing in a recipe is ever executed. The presets live in
+``vptool.presets``, the checks across fields in ``vptool.recipe_checks`` and the ``--set`` parsing in
+``vptool.overrides``; this module re-exports their public names.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import math
@@ -23,7 +24,6 @@ import yaml
 
 from vptool.backbones.kwargs import SIZE_KWARGS, backbone_kwargs_problems, short_repr  # noqa: F401 (re-exported)
 from vptool.config import ModelConfig, blocks_spec, recipe_field
-from vptool.data.catalog import dataset_problem, expected_classes
 from vptool.errors import RecipeError, UserError
 from vptool.options import (
     BackboneFormat,
@@ -48,7 +48,9 @@ from vptool.options import (
     Tune,
     VtabSplit,
 )
-from vptool.prompting.layout import order_problem
+from vptool.overrides import deep_merge, flat_keys, parse_overrides  # noqa: F401 (re-exported)
+from vptool.presets import PRESETS, Preset, register_preset  # noqa: F401 (re-exported)
+from vptool.recipe_checks import cross_field_problems
 from vptool.yamlio import (  # noqa: F401  (re-exported: the recipe's YAML reader lived here first)
     MAX_YAML_DEPTH,
     MAX_YAML_VALUES,
@@ -212,83 +214,6 @@ class Recipe:
         return ModelConfig.from_recipe(self, **given)
 
 
-# --------------------------------------------------------------------------------------------------- presets
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    description: str
-    defaults: dict
-    paper: str = ""  # the method's source, as the model card cites it
-    convention: str = "vpt"  # whose official code ``readout: auto`` follows (``vptool.conventions``)
-
-
-PRESETS: dict[str, Preset] = {}
-
-VPT_PAPER = "Jia et al., Visual Prompt Tuning, ECCV 2022"
-GATEVPT_PAPER = "Yoo et al., Improving Visual Prompt Tuning for Self-supervised Vision Transformers, ICML 2023"
-SPT_PAPER = "Wang et al., Revisiting the Power of Prompt for Visual Tuning (SPT), ICML 2024"
-VPTM_PAPER = "Visual Prompting via Masked Visual Token Modeling (VPTM)"
-
-
-def register_preset(name: str, description: str, defaults: dict, paper: str = "", convention: str = "vpt") -> Preset:
-    """Register a method preset (a point in the option space). Rejects a name that is already taken.
-
-    ``convention`` (``vpt``, ``gatevpt``, ``spt``, ``vptm``) names whose official code ``readout.pool/norm: auto``
-    follows on each backbone (``vptool.conventions``).
-
-    Raises:
-        ValueError: ``name`` is registered already, or an unknown convention.
-    """
-    from vptool.conventions import CONVENTIONS
-
-    if name in PRESETS:
-        raise ValueError(f"method preset {name!r} is registered already ({PRESETS[name].description})")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention={convention!r} is not one of {', '.join(CONVENTIONS)}")
-    PRESETS[name] = Preset(name, description, copy.deepcopy(defaults), paper, convention)
-    return PRESETS[name]
-
-
-register_preset("linear", "linear probe: frozen backbone, train the head only",
-                {"prompt": {"mode": "none"}, "train": {"tune": "head", "optimizer": "sgd"}},
-                "linear probe of a frozen backbone (baseline in VPT, Jia et al. 2022, Table 1)")
-register_preset("full", "full fine-tune: every backbone tensor and the head (AdamW)",
-                {"prompt": {"mode": "none"},
-                 "train": {"tune": "all", "optimizer": "adamw", "lr": 1e-3, "lr_scaling": "linear",
-                           "weight_decay": 1e-4}},
-                "full fine-tuning (baseline in VPT, Jia et al. 2022, Table 1)")
-register_preset("vpt-shallow", "VPT-shallow (Jia et al. 2022, eq. 4-5): Np prompts before block 1",
-                {"prompt": {"mode": "shallow", "length": 10, "init": "xavier", "dropout": 0.0},
-                 "train": {"tune": "prompts", "optimizer": "sgd"}}, VPT_PAPER)
-register_preset("vpt-deep", "VPT-deep (Jia et al. 2022, eq. 7): a prompt set before every block",
-                {"prompt": {"mode": "deep", "length": 10, "init": "xavier", "dropout": 0.1},
-                 "train": {"tune": "prompts", "optimizer": "sgd"}}, VPT_PAPER)
-_SPT_TRAIN = {"data": {"batch_size": 32},  # SPT §4.1; lr and weight decay: the official code's defaults
-              "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.05,
-                        "warmup_epochs": 10, "epochs": 100}}
-register_preset("spt-shallow", "SPT-shallow (Wang et al. 2024, eq. 9-12): 100 shallow prompts from k-means "
-                               "token prototypes (AdamW)",
-                {"prompt": {"mode": "shallow", "length": 100, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN},
-                SPT_PAPER, "spt")
-register_preset("spt-deep", "SPT-deep (Wang et al. 2024, eq. 9-10, 13): 20 prompts per block from k-means "
-                            "token prototypes of that block's input (AdamW)",
-                {"prompt": {"mode": "deep", "length": 20, "init": "kmeans", "dropout": 0.0}, **_SPT_TRAIN}, SPT_PAPER,
-                "spt")
-register_preset("gatevpt", "GateVPT (Yoo et al. 2023, eq. 6-9): gated shallow prompts + learnable temperature",
-                {"prompt": {"mode": "gated", "length": 100, "init": "xavier", "dropout": 0.1, "gate_init": 5.0,
-                            "gate": "soft"},
-                 "attention": {"temperature": "learnable"},
-                 "train": {"tune": "prompts", "optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0}}, GATEVPT_PAPER,
-                "gatevpt")
-register_preset("vptm", "VPTM (§4, eq. 6-9): [MASK] token + zero-init shallow prompts + prototypical verbalizer",
-                {"prompt": {"mode": "shallow", "length": 20, "init": "zeros", "dropout": 0.0},
-                 "tokens": {"mask": "auto", "order": "CXPM"},
-                 "readout": {"pool": "mask", "norm": "pretrained"},
-                 "head": {"type": "verbalizer", "dim": 128},
-                 "train": {"tune": "prompts", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01,
-                           "warmup_epochs": 5}}, VPTM_PAPER, "vptm")
-
-
 # --------------------------------------------------------------------------------------------------- validation
 def key_paths(cls, prefix: str = "") -> list[str]:
     """Every key path of the dataclass ``cls`` (sections and leaves, in field order), e.g. ``train``, ``train.lr``."""
@@ -403,144 +328,11 @@ def _build(cls, raw, path: str, errors: list[str]):
 
 def _cross_checks(r: Recipe) -> list[str]:
     """Checks across fields; each problem names the keys and the fix."""
-    e = []
     if r.method not in PRESETS:
         close = difflib.get_close_matches(r.method, list(PRESETS), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(PRESETS)}"
         return [f"method: unknown preset {r.method!r}; {hint}"]  # the rest depends on the preset
-    problem = dataset_problem(r.data.dataset, r.data.task)
-    if problem:
-        e.append(problem)
-    elif r.data.dataset != "digits" and not r.data.root:
-        e.append(f"data.root: missing; dataset {r.data.dataset} reads its files from data.root (set data.root)")
-    known = expected_classes(r.data.dataset, r.data.task) if not problem else None
-    if known is not None and r.data.num_classes is not None and r.data.num_classes != known:
-        what = f"{r.data.dataset} task {r.data.task}" if r.data.task else r.data.dataset
-        e.append(f"data.num_classes: {r.data.num_classes} but {what} has {known} classes; set data.num_classes: "
-                 f"{known} or remove it")
-    if r.data.task is not None and r.data.dataset not in ("fgvc-json", "vtab-1k"):
-        e.append(f"data.task: set but data.dataset is {r.data.dataset!r}; only fgvc-json and vtab-1k have tasks")
-    if r.data.image_dir is not None and r.data.dataset != "fgvc-json":
-        e.append(f"data.image_dir: set but data.dataset is {r.data.dataset!r}; only fgvc-json reads it")
-    if r.prompt.init == "file" and not r.prompt.init_file:
-        e.append("prompt.init_file: missing; prompt.init 'file' needs the path of an init-prompts output")
-    if r.prompt.init_file and r.prompt.init != "file":
-        e.append(f"prompt.init_file: set but prompt.init is {r.prompt.init!r}; set prompt.init: file to use it")
-    if not 0.0 < r.prompt.init_fraction <= 1.0:
-        e.append(f"prompt.init_fraction: {r.prompt.init_fraction} must be in (0, 1]")
-    if r.prompt.mode == "none" and r.prompt.init in ("file", "kmeans", "mean-pool", "max-pool", "random"):
-        e.append(f"prompt.init: {r.prompt.init!r} but prompt.mode is none (no prompts); set prompt.mode")
-    if (r.train.tune == "prompts" and r.prompt.mode == "none" and r.attention.temperature == "fixed"
-            and r.tokens.mask in ("none", "pretrained")):
-        e.append("train.tune: 'prompts' but nothing but the head would train (prompt.mode none); "
-                 "set prompt.mode, or use tune: head for a linear probe")
-    if r.output.save_prompt_history and r.prompt.mode == "none":
-        e.append("output.save_prompt_history: true but prompt.mode is none (no prompts to record); set prompt.mode "
-                 "or drop save_prompt_history")
-    if r.head.init == "official" and r.head.type == "verbalizer":
-        e.append("head.init: 'official' is the VPT/GateVPT linear head's (logit bias -log(99)); the verbalizer has "
-                 "no logit bias: use trunc_normal")
-    if r.readout.pool == "mask" and r.tokens.mask == "none":
-        e.append("readout.pool: 'mask' reads the [MASK] token; set tokens.mask: auto (or pretrained/learnable)")
-    if r.tokens.order is not None:
-        problem = order_problem(r.tokens.order, r.prompt.mode != "none", r.tokens.mask != "none")
-        if problem:
-            e.append(problem)
-    if not 0 < r.attention.temperature_min < r.attention.temperature_max:
-        e.append(f"attention.temperature_min: need 0 < temperature_min ({r.attention.temperature_min}) "
-                 f"< temperature_max ({r.attention.temperature_max})")
-    if r.data.num_classes is not None and r.data.num_classes < 2:
-        e.append(f"data.num_classes: {r.data.num_classes} is below the minimum 2")
-    for key, value, lo in (("prompt.length", r.prompt.length, 1), ("train.epochs", r.train.epochs, 1),
-                           ("data.batch_size", r.data.batch_size, 1),
-                           ("data.eval_batch_size", r.data.eval_batch_size, 1),
-                           ("data.num_workers", r.data.num_workers, 0),
-                           ("train.warmup_epochs", r.train.warmup_epochs, 0), ("head.dim", r.head.dim, 1)):
-        if value < lo:
-            e.append(f"{key}: {value} is below the minimum {lo}")
-    if r.train.warmup_epochs >= r.train.epochs and r.train.epochs >= 1:
-        e.append(f"train.warmup_epochs: {r.train.warmup_epochs} must be below train.epochs ({r.train.epochs})")
-    if not r.train.lr > 0:
-        e.append(f"train.lr: {r.train.lr} must be > 0")
-    if not 0.0 <= r.train.momentum <= 1.0:
-        e.append(f"train.momentum: {r.train.momentum} must be in [0, 1]")
-    if r.train.weight_decay < 0:
-        e.append(f"train.weight_decay: {r.train.weight_decay} must be >= 0")
-    for key, value in (("seed", r.seed), ("data.split_seed", r.data.split_seed)):
-        if not 0 <= value < 2**32:
-            e.append(f"{key}: {short_repr(value)} must be in [0, 2**32 - 1] (NumPy and DataLoader seeds are 32-bit)")
-    if r.output.save_every_steps < 0:
-        e.append(f"output.save_every_steps: {r.output.save_every_steps} must be >= 0 (0: at each epoch's end only)")
-    name = r.output.name
-    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
-        e.append(f"output.name: {short_repr(name)} must be a plain folder name (no '/', not '.' or '..')")
-    e.extend(backbone_kwargs_problems(r.backbone.kwargs))
-    if not 0.0 <= r.prompt.dropout < 1.0:
-        e.append(f"prompt.dropout: {r.prompt.dropout} must be in [0, 1)")
-    if not 0.0 < r.data.val_fraction < 1.0:
-        e.append(f"data.val_fraction: {r.data.val_fraction} must be in (0, 1)")
-    dev = r.train.device
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        e.append(f"train.device: {dev!r} is not auto, cpu, cuda or cuda:N")
-    return e
-
-
-def flat_keys(d: dict, prefix: str = "") -> dict:
-    """A recipe mapping as ``{dotted key: value}`` (``backbone.kwargs`` stays one value)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(flat_keys(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """Return ``base`` updated by ``over`` recursively (nested mappings merged, other values replaced)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """Turn ``["a.b=1", "c=x"]`` into a nested mapping; values are parsed as YAML by ``RecipeLoader`` (safe;
-    ``1e-3`` and ``.5`` are floats).
-
-    Raises:
-        RecipeError: an item has no ``=`` or an empty key.
-    """
-    out: dict = {}
-    problems = []
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(f"{item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=0.05")
-            continue
-        try:
-            value = load_yaml_text(text) if text.strip() else None
-        except YamlProblem as exc:
-            problems.append(f"{key}: {exc.message}")
-            continue
-        except (yaml.YAMLError, RecursionError):
-            value = text
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.append(f"{item!r}: {part} is set twice, once as a value")
-                break
-        else:
-            node[parts[-1]] = value
-    if problems:
-        raise RecipeError(problems, source="--set")
-    return out
+    return cross_field_problems(r)
 
 
 def validate(raw: dict, source: str | None = None) -> Recipe:

@@ -122,6 +122,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _gathered_kmeans(km: StreamingKMeans, n_sets: int, k: int, seed: int, device: torch.device, obs: Progress):
+    """``(centres, inertia)`` of the final k-means on the union of every rank's summaries (under torchrun).
+
+    Raises:
+        ValueError: fewer summary points than k (the caller turns it into a ``UserError``).
+    """
+    from vptool.engine import dist
+    from vptool.prompting.kmeans import final_kmeans, merge_summaries
+
+    mine = []
+    for i in range(n_sets):
+        try:
+            pts, w, within = km.summary(i)
+        except ValueError:  # this rank's shard had no images
+            pts, w, within = torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), 0.0
+        mine.append((pts.cpu(), w.cpu(), within))
+    every = dist.gather_objects((mine, km.seen), "gathering the k-means summaries")
+    km.seen = [sum(s[j] for _, s in every) for j in range(n_sets)]
+    merged = [merge_summaries([parts[i] for parts, _ in every if parts[i][0].numel()]) for i in range(n_sets)]
+    merged = [(p.to(device), w.to(device), v) for p, w, v in merged]
+    g = torch.Generator().manual_seed(seed)  # the same on every rank: every rank gets the same prototypes
+    return final_kmeans(merged, k, g, km.n_init, km.max_iter, km.tol, obs.kmeans_step)
+
+
 def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: int, device: torch.device,
                   amp: torch.dtype | None = None, form: str = "paper", observer: Progress | None = None,
                   summary_size: int | None = None):
@@ -165,27 +189,10 @@ def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: i
             obs.extract_step()
     obs.kmeans_start(len(levels))
     t1 = time.perf_counter()
-    from vptool.engine import dist
-
     job = dist.context()
     try:
         if job.active:  # gather every rank's summaries, merge them, and run the final k-means on the union
-            from vptool.prompting.kmeans import final_kmeans, merge_summaries
-
-            mine = []
-            for i in range(len(levels)):
-                try:
-                    pts, w, within = km.summary(i)
-                except ValueError:  # this rank's shard had no images
-                    pts, w, within = torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), 0.0
-                mine.append((pts.cpu(), w.cpu(), within))
-            every = dist.gather_objects((mine, km.seen), "gathering the k-means summaries")
-            km.seen = [sum(s[j] for _, s in every) for j in range(len(levels))]
-            merged = [merge_summaries([parts[i] for parts, _ in every if parts[i][0].numel()])
-                      for i in range(len(levels))]
-            merged = [(p.to(device), w.to(device), v) for p, w, v in merged]
-            g = torch.Generator().manual_seed(seed)  # the same on every rank: every rank gets the same prototypes
-            centres, inertia = final_kmeans(merged, k, g, km.n_init, km.max_iter, km.tol, obs.kmeans_step)
+            centres, inertia = _gathered_kmeans(km, len(levels), k, seed, device, obs)
         else:
             centres, inertia = km.result(on_set=obs.kmeans_step)
     except ValueError as exc:
@@ -193,6 +200,75 @@ def stream_kmeans(plain: PromptedViT, loader, levels: list[int], k: int, seed: i
     _sync(device)
     kmeans_s += time.perf_counter() - t1
     return centres, inertia, km, extract_s, kmeans_s
+
+
+def _init_inputs(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module | None, info: BackboneInfo | None,
+                 device: torch.device):
+    """``(backbone, info, transform, splits, plain)``: the backbone (built from the recipe when None), the init
+    transform, the data splits through it and the backbone wrapped without prompts, in eval mode on ``device``."""
+    if backbone is None:
+        b = recipe.backbone
+        seed_everything(recipe.seed)  # a random-weight backbone is rebuilt exactly as train builds it
+        backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
+    transform = init_transform(recipe, spec)
+    # eval: the deterministic eval transform on the training split; train: the training augmentation (official SPT)
+    splits = build_splits(recipe.data, info.data_config, train_eval_transform=transform == "eval")
+    plain = PromptedViT(backbone, num_classes=2, prompt_mode="none", readout_pool="avg", readout_norm="none",
+                        tune="head").to(device).eval()
+    return backbone, info, transform, splits, plain
+
+
+def _kmeans_prompts(recipe: Recipe, spec: InitSpec, plain: PromptedViT, train, order: torch.Tensor,
+                    levels: list[int], device: torch.device, amp: torch.dtype | None, job, obs: Progress):
+    """``kmeans``: ``(prompt sets, metadata, extraction seconds, k-means seconds)`` from a seeded ``fraction`` of
+    ``train`` streamed in ``order``; under torchrun (``job``) rank r streams every W-th image of it."""
+    unique = sorted(set(levels))
+    Np = recipe.prompt.length
+    count = max(1, round(spec.fraction * len(train)))
+    subset = Subset(train, order[:count][job.rank::job.world].tolist())
+    loader = make_loader(subset, recipe.data.eval_batch_size, shuffle=False, num_workers=recipe.data.num_workers,
+                         seed=spec.seed, pin_memory=device.type == "cuda")
+    centres, inertia, km, extract_s, kmeans_s = stream_kmeans(plain, loader, unique, Np, spec.seed, device, amp,
+                                                               spec.form, obs)
+    per_level = {t: centres[j].cpu() for j, t in enumerate(unique)}
+    meta = dict(fraction=spec.fraction, images=count, tokens_per_set=km.seen[0],
+                inertia=[inertia[unique.index(t)] for t in levels], summary_size=km.m,
+                n_init=km.n_init, algorithm="streaming k-means: mini-batch micro-clusters (Sculley 2010) + "
+                                          "weighted k-means++/Lloyd on the summary")
+    return [per_level[t] for t in levels], meta, extract_s, kmeans_s
+
+
+def _batch_prompts(recipe: Recipe, spec: InitSpec, plain: PromptedViT, train, order: torch.Tensor,
+                   levels: list[int], device: torch.device, amp: torch.dtype | None, g: torch.Generator):
+    """``mean-pool``, ``max-pool``, ``random``: ``(prompt sets, metadata, extraction seconds)`` from one batch of
+    ``data.batch_size`` images of ``train``, the first in ``order``; ``g`` draws the samples."""
+    Np = recipe.prompt.length
+    B = min(recipe.data.batch_size, len(train))
+    batch = torch.stack([train[i][0] for i in order[:B].tolist()]).to(device)
+    t0 = time.perf_counter()
+    with torch.no_grad(), autocast(device, amp):
+        got = {t: tok.float() for t, tok in level_tokens(plain, batch, sorted(set(levels)), spec.form)}
+    _sync(device)
+    extract_s = time.perf_counter() - t0
+    prompts = []
+    for t in levels:
+        tok = got[t]
+        if spec.strategy == "random":
+            prompts.append(sample_prompts(tok, Np, g).cpu())
+        else:
+            prompts.append(pool_prompts(tok, Np, spec.strategy.split("-")[0], spec.form, g).cpu())
+    meta = dict(fraction=None, images=B, tokens_per_set=B * got[levels[0]].shape[1], batch_images=order[:B].tolist())
+    return prompts, meta, extract_s
+
+
+def _identity_meta(recipe: Recipe, info: BackboneInfo, backbone: torch.nn.Module, splits) -> dict:
+    """The ``backbone`` and ``dataset`` identity entries of an init-prompts file's metadata."""
+    d = recipe.data
+    return {"backbone": {"name": info.name, "checkpoint": info.checkpoint,
+                         "checkpoint_sha256": info.checkpoint_sha256, "embed_dim": int(backbone.embed_dim),
+                         "depth": len(backbone.blocks)},
+            "dataset": {"dataset": d.dataset, "root": d.root, "split_seed": d.split_seed,
+                        "classes": len(splits.classes), "train_images": len(splits.train)}}
 
 
 def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module | None = None,
@@ -220,75 +296,34 @@ def build_prompt_init(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module 
 
     device = device or dist.device_for(resolve_device(recipe.train.device))
     job = dist.init(device)
-    if backbone is None:
-        b = recipe.backbone
-        seed_everything(recipe.seed)  # a random-weight backbone is rebuilt exactly as train builds it
-        backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
-    transform = init_transform(recipe, spec)
-    # eval: the deterministic eval transform on the training split; train: the training augmentation (official SPT)
-    splits = build_splits(recipe.data, info.data_config, train_eval_transform=transform == "eval")
-    plain = PromptedViT(backbone, num_classes=2, prompt_mode="none", readout_pool="avg", readout_norm="none",
-                        tune="head").to(device).eval()
-    L = len(backbone.blocks)
-    Np = recipe.prompt.length
+    backbone, info, transform, splits, plain = _init_inputs(recipe, spec, backbone, info, device)
     mode = mode_for(recipe.prompt.mode)
-    levels = mode.init_levels(L, spec.source, recipe.prompt.blocks)
-    unique = sorted(set(levels))
+    levels = mode.init_levels(len(backbone.blocks), spec.source, recipe.prompt.blocks)
     amp = autocast_dtype(recipe.train.precision, device)
     g = torch.Generator().manual_seed(spec.seed)
-    train = splits.train
-    n_images = len(train)
-    order = torch.randperm(n_images, generator=g)
+    order = torch.randperm(len(splits.train), generator=g)
     meta: dict = {"strategy": spec.strategy, "source": spec.source, "form": spec.form, "seed": spec.seed,
                   "transform": transform,
-                  "mode": recipe.prompt.mode, "length": Np, "levels": levels}
-    pin = device.type == "cuda"
+                  "mode": recipe.prompt.mode, "length": recipe.prompt.length, "levels": levels}
 
     # the training augmentation draws from torch's RNG: a fork seeded by the init seed keeps the caller's stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed + job.rank)
         if spec.strategy == "kmeans":
-            count = max(1, round(spec.fraction * n_images))
-            # a seeded random subset, streamed in random order; under torchrun rank r streams every W-th image of it
-            subset = Subset(train, order[:count][job.rank::job.world].tolist())
-            loader = make_loader(subset, recipe.data.eval_batch_size, shuffle=False,
-                                 num_workers=recipe.data.num_workers, seed=spec.seed, pin_memory=pin)
-            centres, inertia, km, extract_s, kmeans_s = stream_kmeans(plain, loader, unique, Np, spec.seed, device, amp,
-                                                                       spec.form, obs)
-            per_level = {t: centres[j].cpu() for j, t in enumerate(unique)}
-            meta.update(fraction=spec.fraction, images=count, tokens_per_set=km.seen[0],
-                        inertia=[inertia[unique.index(t)] for t in levels], summary_size=km.m,
-                        n_init=km.n_init, algorithm="streaming k-means: mini-batch micro-clusters (Sculley 2010) + "
-                                                  "weighted k-means++/Lloyd on the summary")
-            prompts = [per_level[t] for t in levels]
+            prompts, found, extract_s, kmeans_s = _kmeans_prompts(recipe, spec, plain, splits.train, order, levels,
+                                                                  device, amp, job, obs)
         else:
-            B = min(recipe.data.batch_size, n_images)
-            batch = torch.stack([train[i][0] for i in order[:B].tolist()]).to(device)
-            t0 = time.perf_counter()
-            with torch.no_grad(), autocast(device, amp):
-                got = {t: tok.float() for t, tok in level_tokens(plain, batch, unique, spec.form)}
-            _sync(device)
-            extract_s = time.perf_counter() - t0
-            prompts = []
-            for t in levels:
-                tok = got[t]
-                if spec.strategy == "random":
-                    prompts.append(sample_prompts(tok, Np, g).cpu())
-                else:
-                    prompts.append(pool_prompts(tok, Np, spec.strategy.split("-")[0], spec.form, g).cpu())
-            meta.update(fraction=None, images=B, tokens_per_set=B * got[levels[0]].shape[1],
-                        batch_images=order[:B].tolist())
+            prompts, found, extract_s = _batch_prompts(recipe, spec, plain, splits.train, order, levels, device,
+                                                       amp, g)
+            kmeans_s = None
+        meta.update(found)
     if job.active:
         meta["world_size"] = job.world
     tensor = mode.from_sets(prompts)
-    d = recipe.data
     meta.update(
         seconds=round(time.time() - t_start, 3), extract_seconds=round(extract_s, 3),
         kmeans_seconds=round(kmeans_s, 3) if spec.strategy == "kmeans" else None, device=str(device),
-        backbone={"name": info.name, "checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256,
-                  "embed_dim": int(backbone.embed_dim), "depth": L},
-        dataset={"dataset": d.dataset, "root": d.root, "split_seed": d.split_seed, "classes": len(splits.classes),
-                 "train_images": n_images},
+        **_identity_meta(recipe, info, backbone, splits),
         vptool_version=vptool.__version__, tensor=name, shape=list(tensor.shape))
     return name, tensor.float().contiguous(), meta
 

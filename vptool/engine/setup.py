@@ -11,7 +11,8 @@ import torch
 from vptool.backbones.build import BackboneInfo, build_backbone
 from vptool.builder import backbone_record, resolve_readout_auto
 from vptool.builder import build_model as build_from_config
-from vptool.data import Splits, build_splits
+from vptool.data import Splits, build_splits, check_layout
+from vptool.data.catalog import expected_classes
 from vptool.engine.runtime import (  # noqa: F401  (re-exported: setup was their home)
     autocast,
     autocast_dtype,
@@ -250,23 +251,45 @@ def dry_run(recipe: Recipe) -> dict:
         UserError: the recipe cannot build a model (bad backbone name or kwargs, unsupported option, ...), or data
             on disk is incomplete or does not match ``data.num_classes``.
     """
-    from vptool.data import check_layout
-    from vptool.data.catalog import expected_classes
-
     device = resolve_device(recipe.train.device)
     inputs = recipe_inputs(recipe)
     have = {i["key"]: i["exists"] for i in inputs}
-    b = recipe.backbone
-    seed_everything(recipe.seed)
-    if have.get("backbone.checkpoint", True):
-        backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
-    else:
-        with torch.device("meta"):
-            backbone, info = build_backbone(b.name, False, None, b.kwargs, format=b.format)
+    backbone, info = _dry_run_backbone(recipe, have.get("backbone.checkpoint", True))
     resolved = resolve_auto(recipe, backbone, info)
     memory = check_memory(recipe, backbone, device)
+    num_classes = _dry_run_classes(recipe, info, have.get("data.root", True))
+    if resolved and not have.get("backbone.checkpoint", True):
+        resolved = [f"{line}; from the name alone: the checkpoint is not read yet, its format may change it"
+                    for line in resolved]
+    out = {"recipe": recipe.to_dict(), "resolved": resolved, "inputs": inputs, "ready": all(have.values()),
+           "device": str(device),
+           "trainable_params": None, "total_params": None, "mask_token": None,
+           "memory_estimate_bytes": memory["bytes"], "memory_available_bytes": memory["available"]}
+    if num_classes is None:
+        out["note"] = "data not found and data.num_classes unset: model not built"
+        return out
+    return _dry_run_model(recipe, backbone, info, num_classes, have, out)
+
+
+def _dry_run_backbone(recipe: Recipe, checkpoint_on_disk: bool) -> tuple[torch.nn.Module, BackboneInfo]:
+    """The recipe's backbone, seeded; on the ``meta`` device (shapes only) when its checkpoint is not on disk."""
+    b = recipe.backbone
+    seed_everything(recipe.seed)
+    if checkpoint_on_disk:
+        return build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
+    with torch.device("meta"):
+        return build_backbone(b.name, False, None, b.kwargs, format=b.format)
+
+
+def _dry_run_classes(recipe: Recipe, info: BackboneInfo, root_on_disk: bool) -> int | None:
+    """K from the data where it is on disk (its layout and, for vptool's own readers, its splits checked), else
+    ``data.num_classes``.
+
+    Raises:
+        UserError: data on disk is incomplete or does not match ``data.num_classes``.
+    """
     num_classes = recipe.data.num_classes
-    if recipe.data.dataset != "digits" and have.get("data.root", True):
+    if recipe.data.dataset != "digits" and root_on_disk:
         check_layout(recipe.data)
         if recipe.data.dataset.startswith("torchvision:"):
             num_classes = expected_classes(recipe.data.dataset, None)
@@ -279,16 +302,13 @@ def dry_run(recipe: Recipe) -> dict:
         splits = build_splits(recipe.data, info.data_config)
         check_num_classes(recipe, len(splits.classes))
         num_classes = len(splits.classes)
-    if resolved and not have.get("backbone.checkpoint", True):
-        resolved = [f"{line}; from the name alone: the checkpoint is not read yet, its format may change it"
-                    for line in resolved]
-    out = {"recipe": recipe.to_dict(), "resolved": resolved, "inputs": inputs, "ready": all(have.values()),
-           "device": str(device),
-           "trainable_params": None, "total_params": None, "mask_token": None,
-           "memory_estimate_bytes": memory["bytes"], "memory_available_bytes": memory["available"]}
-    if num_classes is None:
-        out["note"] = "data not found and data.num_classes unset: model not built"
-        return out
+    return num_classes
+
+
+def _dry_run_model(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo, num_classes: int,
+                   have: dict, out: dict) -> dict:
+    """``out`` with the parameter counts, [MASK] source and K of the model the recipe builds (on the ``meta``
+    device when the checkpoint is not on disk; zeros or xavier prompts where their init is not available yet)."""
     overrides = {} if have.get("prompt.init_file", True) else {"prompt_init": "xavier"}
     if recipe.prompt.init not in ("xavier", "zeros", "file") and recipe.prompt.mode != "none":
         overrides["prompt_init"] = "zeros"  # an SPT strategy runs when training starts; same shapes
