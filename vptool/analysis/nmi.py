@@ -138,9 +138,9 @@ class NMIRecorder:
 
     def __call__(self, i: int, prompts: torch.Tensor | None, patches: torch.Tensor) -> None:
         B = patches.shape[0]
-        if prompts is None and i not in self.unprompted:
-            raise ValueError("the model has no prompts: NMI needs prompt tokens")
-        if prompts is None:  # no prompt enters block i: NMI is undefined there, NaN
+        if prompts is None:  # no prompt enters block i: NMI is undefined there (NaN), or the model has none
+            if i not in self.unprompted:
+                raise ValueError("the model has no prompts: NMI needs prompt tokens")
             nan = torch.full((B,), float("nan"), dtype=torch.float64)
             self._batch[i] = (nan, nan)
             return

@@ -22,6 +22,8 @@ from torch import nn
 
 from vptool.prompting.modes.base import BlockStep, PromptModeUnit
 
+ROW_POOLS = ("avg_all", "prompt")  # the readouts that pool the last block's prompt outputs
+
 
 class DeepPrompts(PromptModeUnit):
     """A prompt set per prompted block, as prefix keys/values (see the module doc)."""
@@ -55,12 +57,12 @@ class DeepPrompts(PromptModeUnit):
         """Whether block i's outputs at the prompt rows are used: by the next block when no set replaces them
         (``prompt.blocks``), or after the last block by a readout that pools them."""
         if i == len(model.backbone.blocks) - 1:
-            return model.readout_pool in ("avg_all", "prompt")
+            return model.readout_pool in ROW_POOLS
         return i + 1 not in model.prompt_set_at
 
     def output_rows(self, model) -> bool:
         L = len(model.backbone.blocks)
-        return model.readout_pool in ("avg_all", "prompt") or L - 1 not in model.prompt_set_at
+        return model.readout_pool in ROW_POOLS or L - 1 not in model.prompt_set_at
 
     def entering(self, model, i: int, B: int, rows: torch.Tensor | None) -> torch.Tensor | None:
         j = model.prompt_set_at.get(i)  # the learned set, the same for every image, or the rows carried in
