@@ -28,6 +28,7 @@ from vptool.options import (
     HeadType,
     MaskToken,
     PromptInit,
+    PromptLocation,
     PromptMode,
     ReadoutNorm,
     ReadoutPool,
@@ -58,6 +59,11 @@ class ModelConfig:
         "none", "none | shallow (VPT eq. 4-5) | deep (VPT eq. 7) | gated (GateVPT eq. 6-8: shallow + gates)",
         "prompt.mode")
     prompt_length: int = option(10, "Np, prompt tokens per set", "prompt.length")
+    prompt_location: PromptLocation = option(
+        "prepend", "where the prompts enter (VPT Fig. 5): prepend (rows after the class token, eq. 4) | add (an "
+                   "(N, D) prompt added to the patch embeddings) | add-1 (one (1, D) prompt added to every patch) | "
+                   "prepend-pixel (learnable pixels embedded as Np extra patches) | concat-channel (a learnable input "
+                   "channel; official: below) | pad (learnable pixels padded around the image)", "prompt.location")
     prompt_init: PromptInit = option(
         "xavier", "xavier (VPT) | zeros (VPTM) | file (an init-prompts output, prompt.init_file) | an SPT strategy "
                   "built when training starts: kmeans | mean-pool | max-pool | random (SPT §3.3-3.4)", "prompt.init")

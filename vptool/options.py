@@ -14,6 +14,9 @@ from typing import Literal
 #: here: one line; ``vptool.prompting.modes``)
 PROMPT_MODES = {"none": "none", "shallow": "shallow", "deep": "deep", "gated": "gated"}
 PromptMode = Literal[tuple(PROMPT_MODES)]  # the choices are the registered modes
+#: where the prompts enter (VPT Fig. 5; official ``MODEL.PROMPT.LOCATION`` in brackets): prepend (prepend) | add
+#: (add) | add-1 (add-1) | prepend-pixel (prepend-pixel) | concat-channel (below) | pad (pad)
+PromptLocation = Literal["prepend", "add", "add-1", "prepend-pixel", "concat-channel", "pad"]
 PromptInit = Literal["xavier", "zeros", "file", "kmeans", "mean-pool", "max-pool", "random"]
 InitSource = Literal["same", "first", "last"]
 InitForm = Literal["paper", "official"]

@@ -40,6 +40,7 @@ from vptool.options import (
     Optimizer,
     Precision,
     PromptInit,
+    PromptLocation,
     PromptMode,
     ReadoutNormSetting,
     ReadoutPoolSetting,
@@ -111,6 +112,7 @@ class PromptConfig:
     mode: PromptMode = recipe_field("prompt_mode")
     length: int = recipe_field("prompt_length")
     blocks: Optional[Blocks] = recipe_field("prompt_blocks")
+    location: PromptLocation = recipe_field("prompt_location")
     init: PromptInit = recipe_field("prompt_init")
     init_file: Optional[str] = recipe_field("prompt_file")
     init_fraction: float = _f(1.0, "SPT kmeans: fraction of the training split whose tokens are clustered")

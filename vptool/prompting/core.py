@@ -129,6 +129,8 @@ class PromptedCore(nn.Module):
         self.deep_form = c.deep_form
         self.num_prefix_tokens = backbone.num_prefix_tokens
         D, L = backbone.embed_dim, len(backbone.blocks)
+        if c.prompt_location != "prepend" and self.mode.has_prompts:
+            raise UserError(f"prompt.location: {c.prompt_location!r} is not built yet for this backbone; use prepend")
         if c.readout_pool == "prompt" and not self.mode.has_prompts:
             raise UserError("readout.pool: 'prompt' pools the prompt tokens; prompt.mode none has none; use cls or "
                             "avg")
