@@ -9,6 +9,7 @@ from __future__ import annotations
 from vptool.backbones.kwargs import backbone_kwargs_problems, short_repr
 from vptool.data.catalog import dataset_problem, expected_classes
 from vptool.prompting.layout import order_problem
+from vptool.prompting.modes import mode_for
 
 
 def cross_field_problems(r) -> list[str]:
@@ -35,6 +36,12 @@ def _data_problems(r) -> list[str]:
     return e
 
 
+def has_prompts(r) -> bool:
+    """Whether recipe ``r`` builds prompt tokens: a prompt mode other than none and ``prompt.length`` >= 1
+    (``prompt.length: 0`` is VPTM Fig. 7's verbalizer-only point: no prompt tokens)."""
+    return r.prompt.mode != "none" and r.prompt.length > 0
+
+
 def _option_problems(r) -> list[str]:
     e = []
     if r.prompt.init == "file" and not r.prompt.init_file:
@@ -43,22 +50,33 @@ def _option_problems(r) -> list[str]:
         e.append(f"prompt.init_file: set but prompt.init is {r.prompt.init!r}; set prompt.init: file to use it")
     if not 0.0 < r.prompt.init_fraction <= 1.0:
         e.append(f"prompt.init_fraction: {r.prompt.init_fraction} must be in (0, 1]")
-    if r.prompt.mode == "none" and r.prompt.init in ("file", "kmeans", "mean-pool", "max-pool", "random"):
-        e.append(f"prompt.init: {r.prompt.init!r} but prompt.mode is none (no prompts); set prompt.mode")
+    none = "prompt.mode is none" if r.prompt.mode == "none" else "prompt.length is 0"
+    if not has_prompts(r) and r.prompt.init in ("file", "kmeans", "mean-pool", "max-pool", "random"):
+        e.append(f"prompt.init: {r.prompt.init!r} but {none} (no prompts); set prompt.mode and prompt.length, or "
+                 "use prompt.init: zeros")
+    least = mode_for(r.prompt.mode).min_length
+    if 0 <= r.prompt.length < least:
+        e.append(f"prompt.length: {r.prompt.length} but prompt.mode {r.prompt.mode} needs at least {least} prompt "
+                 f"token(s); set prompt.length >= {least}")
     if (r.train.tune == "prompts" and r.prompt.mode == "none" and r.attention.temperature == "fixed"
             and r.tokens.mask in ("none", "pretrained")):
         e.append("train.tune: 'prompts' but nothing but the head would train (prompt.mode none); "
                  "set prompt.mode, or use tune: head for a linear probe")
-    if r.output.save_prompt_history and r.prompt.mode == "none":
-        e.append("output.save_prompt_history: true but prompt.mode is none (no prompts to record); set prompt.mode "
-                 "or drop save_prompt_history")
+    elif (r.train.tune == "prompts" and r.prompt.mode != "none" and r.prompt.length == 0
+          and r.attention.temperature == "fixed" and r.tokens.mask == "none"):
+        e.append("prompt.length: 0 leaves nothing but the head to train (no prompt tokens and no [MASK] token, VPTM "
+                 "Fig. 7's only prompt-free point); set prompt.length >= 1, or use train.tune: head for a linear probe")
+    if r.output.save_prompt_history and not has_prompts(r):
+        e.append(f"output.save_prompt_history: true but {none} (no prompts to record); set prompt.mode and "
+                 "prompt.length or drop save_prompt_history")
     if r.head.init == "official" and r.head.type == "verbalizer":
         e.append("head.init: 'official' is the VPT/GateVPT linear head's (logit bias -log(99)); the verbalizer has "
                  "no logit bias: use trunc_normal")
     if r.readout.pool == "mask" and r.tokens.mask == "none":
         e.append("readout.pool: 'mask' reads the [MASK] token; set tokens.mask: auto (or pretrained/learnable)")
     if r.tokens.order is not None:
-        problem = order_problem(r.tokens.order, r.prompt.mode != "none", r.tokens.mask != "none")
+        order = r.tokens.order if r.prompt.length else r.tokens.order.replace("P", "")  # length 0: no P rows
+        problem = order_problem(order, has_prompts(r), r.tokens.mask != "none")
         if problem:
             e.append(problem)
     if not 0 < r.attention.temperature_min < r.attention.temperature_max:
@@ -71,7 +89,7 @@ def _range_problems(r) -> list[str]:
     e = []
     if r.data.num_classes is not None and r.data.num_classes < 2:
         e.append(f"data.num_classes: {r.data.num_classes} is below the minimum 2")
-    for key, value, lo in (("prompt.length", r.prompt.length, 1), ("train.epochs", r.train.epochs, 1),
+    for key, value, lo in (("prompt.length", r.prompt.length, 0), ("train.epochs", r.train.epochs, 1),
                            ("data.batch_size", r.data.batch_size, 1),
                            ("data.eval_batch_size", r.data.eval_batch_size, 1),
                            ("data.num_workers", r.data.num_workers, 0),

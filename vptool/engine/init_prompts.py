@@ -95,6 +95,8 @@ def prompt_tensor_name(recipe: Recipe) -> str:
     if not mode.has_prompts:
         raise UserError(f"prompt.mode: {mode.name!r} has no prompts to initialise; use a prompted method "
                         "(e.g. method: spt-deep) or --set prompt.mode=deep")
+    if recipe.prompt.length == 0:
+        raise UserError("prompt.length: 0 has no prompts to initialise; set prompt.length >= 1")
     return mode.tensor_name
 
 

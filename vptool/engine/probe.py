@@ -158,6 +158,8 @@ def _require_prompts(recipe: Recipe) -> None:
     if recipe.prompt.mode == "none":
         raise UserError(f"prompt.mode: 'none' ({recipe.method}) has no prompt tokens to probe; probe-nmi needs a "
                         "prompted method (vpt-shallow, vpt-deep, gatevpt, spt-*, vptm)")
+    if recipe.prompt.length == 0:
+        raise UserError("prompt.length: 0 has no prompt tokens to probe; probe-nmi needs prompt.length >= 1")
 
 
 def probe_images(target: ProbeTarget, split: str, max_images: int | None, seed: int | None = None):

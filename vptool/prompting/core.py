@@ -121,7 +121,12 @@ class PromptedCore(nn.Module):
             raise UserError("readout.pool: 'cls' needs a backbone with a class token; use avg")
         self.backbone = backbone
         self.family = family_for(backbone)  # the backbone family's ops: embedding, block forward, position bias
-        self.mode = mode_for(c.prompt_mode)  # the prompt mode's unit: shapes, names, how it runs each block
+        least = mode_for(c.prompt_mode).min_length
+        if c.prompt_length < least:
+            raise ValueError(f"prompt_length={c.prompt_length} must be >= {least} for prompt_mode {c.prompt_mode!r}")
+        # the prompt mode's unit: shapes, names, how it runs each block; prompt.length 0 is no prompt tokens (VPTM
+        # Fig. 7's verbalizer-only point), whatever the mode
+        self.mode = mode_for(c.prompt_mode if c.prompt_length > 0 else "none")
         self.prompt_mode = c.prompt_mode
         self.readout_pool = c.readout_pool
         self.readout_norm = c.readout_norm
@@ -146,7 +151,10 @@ class PromptedCore(nn.Module):
         self._build_mask_token(c.mask_token, pretrained_mask_token, generator)
         if c.readout_pool == "mask" and self.mask_source is None:
             raise UserError("readout.pool: 'mask' needs a [MASK] token; set tokens.mask: auto")
-        self.order = self._check_order(c.token_order)
+        order = c.token_order
+        if order is not None and c.prompt_length == 0:  # no prompt tokens: a preset's order keeps the rest
+            order = order.replace("P", "")
+        self.order = self._check_order(order)
         # readout and head
         self.fc_norm = nn.LayerNorm(D, eps=1e-6) if c.readout_norm == "fresh" else None
         self.head_name, head_module = build_head(c.head, D, c.num_classes, c.head_dim, generator, init=c.head_init)

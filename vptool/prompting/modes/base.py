@@ -56,11 +56,14 @@ class PromptModeUnit:
         name: the ``prompt.mode`` value.
         tensor: ``shallow`` or ``deep`` (the adapter tensor ``prompts.<tensor>``), or None without prompts.
         rows: the prompts are rows of every block's input (shallow, gated); otherwise each block gets its own set.
+        min_length: the least ``prompt.length`` the mode takes; 0 (no prompt tokens: VPTM Fig. 7's verbalizer-only
+            point) unless the mode needs prompt tokens (gated: its gates act on them).
     """
 
     name = ""
     tensor: str | None = "shallow"
     rows = True
+    min_length = 0
 
     # ------------------------------------------------------------------------------------------- tensors
     @property

@@ -54,6 +54,7 @@ class GatedPrompts(PromptModeUnit):
     name = "gated"
     tensor = "shallow"
     rows = True
+    min_length = 1  # the gates mix prompt rows (eq. 7): no prompt tokens, nothing to gate
 
     def extras(self, L: int, config) -> dict[str, nn.Module]:
         return {"gates": PromptGates(L - 1, config.gate_init, config.gate_kind)}
