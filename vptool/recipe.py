@@ -74,7 +74,7 @@ class BackboneConfig:
     name: str = _f(None, "embedded name (vit_digits_mae) or any timm model name", required=True)
     pretrained: bool = _f(True, "load the embedded weights / timm's pretrained weights (HF cache, offline)")
     checkpoint: Optional[str] = _f(None, "local weights file loaded strictly: timm state dict (.safetensors/.pth), "
-                                         "MAE, MoCo v3, Google JAX .npz or BEiT v2 pretraining release")
+                                         "MAE, MoCo v3, Google JAX .npz or BEiT v1/v2 pretraining release")
     format: BackboneFormat = _f(
         "auto", "checkpoint layout: auto (detected from the file's keys) or one of the converters' names")
     kwargs: dict = _f(help="extra timm constructor kwargs, e.g. {img_size: 32, depth: 2}", factory=dict)

@@ -23,7 +23,8 @@ Formats (layouts: ``shared/CHECKPOINTS.md``; D = width, H = heads, Dh = D / H, P
 ``mocov3``                MoCo v3 pretraining: ``vit-b-300ep.pth.tar`` (``module.base_encoder.*``)
 ``mocov3-linear``         MoCo v3 linear probe: ``linear-vit-b-300ep.pth.tar`` (``module.*`` + ``module.head.*``)
 ``jax-npz``               Google's JAX ViT ``.npz``, e.g. VPT's ``imagenet21k_ViT-B_16.npz``
-``beitv2-pretrain``       BEiT v2 pretraining: ``beitv2_base_patch16_224_pt1k.pth``
+``beitv2-pretrain``       BEiT v2 pretraining: ``beitv2_base_patch16_224_pt1k.pth``; also BEiT v1's
+                         ``beit_base_patch16_224_pt22k.pth`` (the same layout without ``cls_pt_layers``)
 ========================  ====================================================================================
 
 ``detect_format`` recognises each from the keys alone; ``SIGNATURES`` says which keys an explicitly chosen

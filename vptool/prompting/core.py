@@ -217,7 +217,7 @@ class PromptedCore(nn.Module):
         have = pretrained is not None
         if mode == "pretrained" and not have:
             raise UserError("tokens.mask: 'pretrained' but this backbone has no pretrained [MASK] embedding "
-                            "(a BEiT v2 pretraining checkpoint has one); use auto or learnable")
+                            "(a BEiT v1/v2 pretraining checkpoint has one); use auto or learnable")
         if mode in ("pretrained", "auto") and have:
             self.register_buffer("mask_token", pretrained.detach().float().reshape(1, D).clone(), persistent=False)
             self.mask_source = "pretrained"

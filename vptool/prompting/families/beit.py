@@ -104,7 +104,11 @@ def expand_position_bias(rel: torch.Tensor, layout: RowLayout) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Checkpoints, constructor arguments, pretraining and readout of the BEiT family (registered as ``FAMILY``).
-# Format ``beitv2-pretrain``: BEiT v2 pretraining, ``beitv2_base_patch16_224_pt1k.pth`` (``shared/CHECKPOINTS.md``).
+# Format ``beitv2-pretrain``: BEiT v2 pretraining, ``beitv2_base_patch16_224_pt1k.pth`` (``shared/CHECKPOINTS.md``),
+# and BEiT v1 pretraining (``beit_base_patch16_224_pt22k.pth``, DALL-E codebook; VPTM Table 6): the same keys, the
+# same shared relative position bias and layer scale, without the ``cls_pt_layers`` (v2's CLS pretraining). The
+# two differ in normalisation only (v1: mean = std = 0.5), which the timm name's config gives
+# (``beit_base_patch16_224`` vs ``beitv2_base_patch16_224``).
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -233,7 +237,7 @@ FAMILY = FamilySpec(
         CheckpointFormat("beitv2-pretrain", convert_beitv2_pretrain, is_beitv2,
                          "mask_token and rel_pos_bias.relative_position_bias_table keys",
                          detect=is_beitv2_with_head, detect_rank=40, own_models_only=True,
-                         title="BEiT v2 pretraining"),
+                         title="BEiT v1/v2 pretraining"),
     ),
     pretrainings=("beit",),
     pretraining=beit_pretraining,
