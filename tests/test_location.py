@@ -338,9 +338,10 @@ def test_prompt_values_are_refused_off_prepend(vit):
 
 
 # ------------------------------------------------------------------------------------------------------- recipes
+@pytest.mark.slow
 def test_recipe_key_trains_and_reloads(tmp_path):
-    """``prompt.location`` / ``prompt.location_form`` through the CLI: a run saves the location's tensors and
-    ``vptool.load`` rebuilds the same model."""
+    """``prompt.location`` / ``prompt.location_form`` through the CLI: a run saves the location's tensors,
+    ``vptool.load`` rebuilds the same model, and ``probe-nmi`` refuses it (no prompt tokens) in one line."""
     import vptool
 
     recipe = tiny_recipe(tmp_path, method="vpt-shallow", prompt={"location": "add", "location_form": "official"},
@@ -351,9 +352,20 @@ def test_recipe_key_trains_and_reloads(tmp_path):
     assert load_file(str(run / "adapter.safetensors"))["prompts.add"].shape == (17, 32)
     model = vptool.load(run)
     assert (model.config.prompt_location, model.config.prompt_location_form) == ("add", "official")
-    bad = tiny_recipe(tmp_path, prompt={"location": "pad", "mode": "deep"}, train={"epochs": 1})
+    res = invoke_cli("probe-nmi", str(run))  # the NMI probe compares prompt tokens with patches: add has none
+    assert res.exit_code == 2 and "prompt.location: 'add' adds no prompt tokens" in res.stderr
+
+
+def test_recipe_refusals_exit_2_before_training(tmp_path):
+    one = {"epochs": 1, "warmup_epochs": 0}
+    bad = tiny_recipe(tmp_path, prompt={"location": "pad", "mode": "deep"}, train=one)
     res = invoke_cli("train", str(write_recipe(tmp_path, bad, "bad.yaml")))
     assert res.exit_code == 2 and "prompt.mode: 'deep' with prompt.location 'pad'" in res.stderr
+    # SPT's k-means builds prompt tokens: refused before any token is clustered
+    spt = tiny_recipe(tmp_path, prompt={"location": "add", "init": "kmeans"}, train=one)
+    res = invoke_cli("train", str(write_recipe(tmp_path, spt, "spt.yaml")))
+    assert res.exit_code == 2 and "prompt.location: 'add' trains no prompt tokens" in res.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 SHIPPED = ["add", "add-1", "prepend-pixel", "concat-channel", "pad"]

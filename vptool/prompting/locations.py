@@ -72,10 +72,13 @@ class LocationUnit:
         modes: the prompt modes it takes; ``why_modes`` says why not the others.
         families: the backbone families it takes; ``why_families`` says why not the others.
         pixel: the prompts live in the input image (no prompt dropout).
+        tokens: the prompts are the mode's own tokens (``prompts.shallow``/``prompts.deep``), the tensors SPT's
+            init and ``init-prompts`` files build.
     """
 
     name = "prepend"
     rows = True
+    tokens = True
     modes: tuple[str, ...] = ("shallow", "deep", "gated")
     why_modes = ""
     families: tuple[str, ...] = ("vit", "beit")
@@ -85,7 +88,7 @@ class LocationUnit:
     def problem(self, c, family: str) -> str | None:
         """One line naming the key and the fix when ``c`` (a ``ModelConfig``) cannot use this location on a
         ``family`` backbone, else None."""
-        if self.name == "prepend":
+        if self.tokens:
             return None  # every mode, readout and init (VPT eq. 4-5, 7)
         where = f"prompt.location {self.name!r}"
         if c.prompt_mode == "none":
@@ -163,7 +166,7 @@ class AddLocation(LocationUnit):
     """``add`` (Fig. 5 "Add"): an (N, D) prompt set added element-wise to the patch rows entering its block."""
 
     name = "add"
-    rows = False
+    rows = tokens = False
     modes = ("shallow", "deep")
     why_modes = "GateVPT's gates mix prompt rows and added prompts make none"
 
@@ -221,6 +224,7 @@ class PixelLocation(LocationUnit):
     """``prepend-pixel`` (Fig. 5): pixel patches embedded by the frozen patch embedding, as prompt rows."""
 
     name = "prepend-pixel"
+    tokens = False
     modes = ("shallow", "gated")
     why_modes = "pixel prompts enter once, before the patch embedding"
     pixel = True
@@ -264,7 +268,7 @@ class ChannelLocation(LocationUnit):
     """``concat-channel`` (Fig. 5; official ``below``): learnable input channels and a widened patch embedding."""
 
     name = "concat-channel"
-    rows = False
+    rows = tokens = False
     modes = ("shallow",)
     why_modes = "a channel enters once, with the image"
     pixel = True
@@ -323,7 +327,7 @@ class PadLocation(LocationUnit):
     resampled to the larger patch grid (``VitOps.embed_patches``)."""
 
     name = "pad"
-    rows = False
+    rows = tokens = False
     modes = ("shallow",)
     why_modes = "pad pixels enter once, with the image"
     families = ("vit",)
