@@ -57,6 +57,7 @@ from torch import nn
 
 from vptool.options import PromptLocation, check_choice
 from vptool.prompting.init import init_prompts
+from vptool.prompting.modes import mode_for
 
 TOKEN_INITS = ("xavier", "zeros")  # the inits every location takes (SPT strategies and files build tokens)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the official pad's Normalize
@@ -91,7 +92,7 @@ class LocationUnit:
         if self.tokens:
             return None  # every mode, readout and init (VPT eq. 4-5, 7)
         where = f"prompt.location {self.name!r}"
-        if c.prompt_mode == "none":
+        if not mode_for(c.prompt_mode).has_prompts:
             return (f"prompt.location: {self.name!r} places prompts and prompt.mode none has none; set prompt.mode "
                     f"{self.modes[0]} or drop prompt.location")
         if c.prompt_mode not in self.modes:
@@ -178,10 +179,9 @@ class AddLocation(LocationUnit):
     def build(self, model, c, generator: torch.Generator | None) -> nn.Module:
         bb = model.backbone
         official = c.prompt_location_form == "official"
-        n, D = self.length(model, official), bb.embed_dim
-        deep = model.mode.tensor == "deep"
-        shape = (len(model.prompt_set_at), n, D) if deep else (n, D)
-        return AddPrompts(xavier_or_zeros(shape, c.prompt_init, model, generator), deep, official, c.prompt_dropout)
+        shape = model.mode.shape(len(bb.blocks), self.length(model, official), bb.embed_dim, c.prompt_blocks)
+        init = xavier_or_zeros(shape, c.prompt_init, model, generator)  # (n, D), or (S, n, D) for a set per block
+        return AddPrompts(init, len(shape) == 3, official, c.prompt_dropout)
 
     def block(self, model, step, i: int, blk: nn.Module, h: torch.Tensor, order: str) -> tuple[torch.Tensor, str]:
         j = model.prompt_set_at.get(i)  # shallow: set 0 before block 1; deep: a set before each prompted block
