@@ -6,22 +6,21 @@ takes (``problem``: one line naming the key and the fix). ``PromptedCore`` asks 
 location. The prompt mode still decides which blocks get a set (``mode.sets``: block 1 for shallow, every block or
 ``prompt.blocks`` for deep).
 
-================== =========================================================== ============================ ========
-location           what enters                                                 adapter tensors              modes
-================== =========================================================== ============================ ========
-``prepend``        Np rows after the prefix tokens (eq. 4-5, 7; the default)    ``prompts.shallow``/``deep``  all
-``add``            an (N, D) prompt added to the patch rows (Fig. 5 "Add")      ``prompts.add`` (N, D)        shallow,
-                                                                                  / (S, N, D)                   deep
-``add-1``          one (1, D) prompt added to every patch row (official only)   ``prompts.add`` (1, D)        shallow,
-                                                                                  / (S, 1, D)                   deep
-``prepend-pixel``  Np pixel patches through the frozen patch embedding, placed  ``prompts.pixels``            shallow,
-                   as rows after the prefix tokens (Fig. 5)                      (Np, 3, P, P)                gated
-``concat-channel`` Nc = Np learnable input channels; the patch embedding        ``prompts.channel`` (Nc, H, W) shallow
-                   widened for them (Fig. 5; official ``below``)                 + weights (below)
-``pad``            learnable pixels, p = Np wide, around the image; the          ``prompts.pad_top``/``bottom`` shallow
-                   position embedding resampled to the larger grid (official)    (3, p, W+2p), ``pad_left``/
-                                                                                  ``right`` (3, H, p)
-================== =========================================================== ============================ ========
+The locations (``prompt.location`` value: what enters; its adapter tensors; the prompt modes it takes):
+
+- ``prepend`` (default; eq. 4-5, 7): Np rows after the prefix tokens; ``prompts.shallow`` (Np, D) or
+  ``prompts.deep`` (S, Np, D); every mode.
+- ``add`` (Fig. 5 "Add"): an (N, D) prompt added element-wise to the patch rows; ``prompts.add`` (N, D) or
+  (S, N, D); shallow, deep.
+- ``add-1`` (official code only): one (1, D) prompt added to every patch row; ``prompts.add`` (1, D) or
+  (S, 1, D); shallow, deep.
+- ``prepend-pixel`` (Fig. 5): Np pixel patches through the frozen patch embedding, as rows after the prefix
+  tokens; ``prompts.pixels`` (Np, 3, P, P); shallow, gated.
+- ``concat-channel`` (Fig. 5; official ``below``): Nc = Np learnable input channels, the patch embedding widened
+  for them; ``prompts.channel`` (Nc, H, W) and the new weights (below); shallow.
+- ``pad`` (official code only): learnable pixels, p = Np wide, around the image, the position embedding resampled
+  to the larger grid; ``prompts.pad_top``/``pad_bottom`` (3, p, W + 2p), ``prompts.pad_left``/``pad_right``
+  (3, H, p); shallow; ViT only.
 
 The paper and the official code (``src/models/vit_prompt/vit_ablations.py``, ``MODEL.PROMPT.LOCATION``) differ in
 places; ``prompt.location_form: paper`` (default) follows the paper, ``official`` the code:
