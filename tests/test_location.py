@@ -278,6 +278,22 @@ def test_adapter_round_trip(vit, images, tmp_path, location, mode, form):
         wrong.load_adapter(str(path))
 
 
+@pytest.mark.parametrize("location,form", [("add", "official"), ("add-1", "paper"), ("prepend-pixel", "paper"),
+                                           ("concat-channel", "paper"), ("pad", "official")])
+def test_save_pretrained_then_load(tmp_path, images, location, form):
+    """The library face: ``from_preset`` -> ``save_pretrained`` -> ``vptool.load`` (which builds the prompts with
+    a zeros placeholder, then reads the adapter) gives the same logits."""
+    import vptool
+
+    m = vptool.from_preset("vpt-shallow", TINY_NAME, K, pretrained=False, backbone_kwargs=dict(TINY_KWARGS),
+                           prompt_length=2, prompt_location=location, prompt_location_form=form).eval()
+    m.save_pretrained(tmp_path / "adapter")
+    back = vptool.load(tmp_path / "adapter").eval()
+    assert (back.config.prompt_location, back.config.prompt_location_form) == (location, form)
+    with torch.no_grad():
+        assert torch.equal(back(images), m(images))
+
+
 def test_prepend_is_todays_forward(vit, images):
     """The default location is the prompt modes' own rows, bit for bit."""
     for mode in ("shallow", "deep", "gated"):
@@ -313,7 +329,6 @@ REFUSED = [
     (dict(prompt_location="prepend-pixel", prompt_init="kmeans"), ("prompt.init", "'kmeans'", "xavier or zeros")),
     (dict(prompt_location="add", prompt_init="file", prompt_file="x.safetensors"), ("prompt.init", "'file'")),
     (dict(prompt_location="pad", prompt_dropout=0.1), ("prompt.dropout", "0.1", "set prompt.dropout 0")),
-    (dict(prompt_location="concat-channel", prompt_init="zeros"), ("prompt.init", "'zeros'", "location_form")),
 ]
 
 
@@ -365,6 +380,10 @@ def test_recipe_refusals_exit_2_before_training(tmp_path):
     spt = tiny_recipe(tmp_path, prompt={"location": "add", "init": "kmeans"}, train=one)
     res = invoke_cli("train", str(write_recipe(tmp_path, spt, "spt.yaml")))
     assert res.exit_code == 2 and "prompt.location: 'add' trains no prompt tokens" in res.stderr
+    # zero channel and zero new weights never move: a recipe refuses them (a loaded adapter may build them)
+    dead = tiny_recipe(tmp_path, prompt={"location": "concat-channel", "init": "zeros", "length": 1}, train=one)
+    res = invoke_cli("train", str(write_recipe(tmp_path, dead, "dead.yaml")))
+    assert res.exit_code == 2 and "prompt.init: 'zeros' with prompt.location concat-channel" in res.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -2,9 +2,9 @@
 
 Each location is one ``LocationUnit``: the tensors it trains (adapter names, shapes, init), how it changes the
 tokens entering the blocks (``embed``, ``block``) and which prompt modes, readouts, inits and backbone families it
-takes (``problem``: one line naming the key and the fix). ``PromptedCore`` asks the unit; no other module names a
-location. The prompt mode still decides which blocks get a set (``mode.sets``: block 1 for shallow, every block or
-``prompt.blocks`` for deep).
+takes (``problem``: one line naming the key and the fix). ``PromptedCore`` asks the unit; no other model code
+names a location. The prompt mode still decides which blocks get a set (``mode.sets``: block 1 for shallow, every
+block or ``prompt.blocks`` for deep).
 
 The locations (``prompt.location`` value: what enters; its adapter tensors; the prompt modes it takes):
 
@@ -272,13 +272,9 @@ class ChannelLocation(LocationUnit):
     why_modes = "a channel enters once, with the image"
     pixel = True
 
-    def problem(self, c, family: str) -> str | None:
-        if c.prompt_init == "zeros" and c.prompt_location_form == "paper":
-            return ("prompt.init: 'zeros' with prompt.location concat-channel starts the channel and its zero new "
-                    "weights at 0, so neither gets a gradient; use xavier or prompt.location_form official")
-        return super().problem(c, family)
-
     def build(self, model, c, generator: torch.Generator | None) -> nn.Module:
+        """Paper form with ``prompt.init: zeros``: channel and new weights all zero, so neither gets a gradient
+        (a loaded adapter overwrites them; recipes refuse it for training, ``vptool.recipe_checks``)."""
         pe = model.backbone.patch_embed
         proj, Nc = pe.proj, c.prompt_length
         channel = xavier_or_zeros((Nc, *pe.img_size), c.prompt_init, model, generator)
