@@ -126,6 +126,19 @@ def test_add_follows_fig5(vit, beit, family, location, mode, blocks, form):
         assert (logits(m, wrong) - got).abs().max() > 1e-3
 
 
+def test_add_leaves_the_mask_row_alone(vit, images):
+    """With a VPTM [MASK] token (order ``CXM``) the added set goes to the patch rows only; the readout is h[MASK]."""
+    m = model_for(vit, "add", mask_token="learnable", readout_pool="mask")
+    assert m.order == "CXM"
+    B = images.shape[0]
+    with torch.no_grad():
+        t = embedded(vit, vit.patch_embed(images))
+        t = torch.cat([t[:, :1], t[:, 1:] + m.prompts.add, m.mask_token.expand(B, 1, -1)], dim=1)
+        out = run_blocks(vit, t)
+        want = m.get_classifier()(vit.norm(out[:, -1]))
+        assert (m(images) - want).abs().max() <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ prepend-pixel
 def test_prepend_pixel_embeds_pixels_with_the_frozen_projection(vit, images):
     """Np pixel patches through the frozen patch projection (with its bias), no position embedding, placed after
