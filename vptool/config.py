@@ -26,6 +26,7 @@ from vptool.options import (
     GateKind,
     HeadInit,
     HeadType,
+    LocationForm,
     MaskToken,
     PromptInit,
     PromptLocation,
@@ -64,6 +65,11 @@ class ModelConfig:
                    "(N, D) prompt added to the patch embeddings) | add-1 (one (1, D) prompt added to every patch) | "
                    "prepend-pixel (learnable pixels embedded as Np extra patches) | concat-channel (a learnable input "
                    "channel; official: below) | pad (learnable pixels padded around the image)", "prompt.location")
+    prompt_location_form: LocationForm = option(
+        "paper", "where the paper and the official VPT code differ on prompt.location (vptool.prompting.locations): "
+                 "paper | official (add/add-1 also on the class token; concat-channel tunes the whole patch "
+                 "embedding, new weights xavier; pad pixels in [0, 1] through ImageNet mean/std)",
+        "prompt.location_form")
     prompt_init: PromptInit = option(
         "xavier", "xavier (VPT) | zeros (VPTM) | file (an init-prompts output, prompt.init_file) | an SPT strategy "
                   "built when training starts: kmeans | mean-pool | max-pool | random (SPT §3.3-3.4)", "prompt.init")

@@ -17,6 +17,10 @@ PromptMode = Literal[tuple(PROMPT_MODES)]  # the choices are the registered mode
 #: where the prompts enter (VPT Fig. 5; official ``MODEL.PROMPT.LOCATION`` in brackets): prepend (prepend) | add
 #: (add) | add-1 (add-1) | prepend-pixel (prepend-pixel) | concat-channel (below) | pad (pad)
 PromptLocation = Literal["prepend", "add", "add-1", "prepend-pixel", "concat-channel", "pad"]
+#: where the paper and the official VPT code differ on a prompt location, which one to follow
+#: (``vptool.prompting.locations``: add/add-1 on the class token too, concat-channel's tuned patch embedding, pad's
+#: pixel space)
+LocationForm = Literal["paper", "official"]
 PromptInit = Literal["xavier", "zeros", "file", "kmeans", "mean-pool", "max-pool", "random"]
 InitSource = Literal["same", "first", "last"]
 InitForm = Literal["paper", "official"]

@@ -72,6 +72,9 @@ def _option_problems(r) -> list[str]:
     if r.head.init == "official" and r.head.type == "verbalizer":
         e.append("head.init: 'official' is the VPT/GateVPT linear head's (logit bias -log(99)); the verbalizer has "
                  "no logit bias: use trunc_normal")
+    if (r.prompt.location, r.prompt.location_form, r.prompt.init) == ("concat-channel", "paper", "zeros"):
+        e.append("prompt.init: 'zeros' with prompt.location concat-channel starts the channel and its zero new "
+                 "weights at 0, so neither gets a gradient; use xavier or prompt.location_form official")
     if r.readout.pool == "mask" and r.tokens.mask == "none":
         e.append("readout.pool: 'mask' reads the [MASK] token; set tokens.mask: auto (or pretrained/learnable)")
     if r.tokens.order is not None:

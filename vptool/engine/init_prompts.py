@@ -33,6 +33,7 @@ from vptool.errors import UserError
 from vptool.paths import check_new_file
 from vptool.progress import Progress
 from vptool.prompting.kmeans import StreamingKMeans
+from vptool.prompting.locations import location_for
 from vptool.prompting.model import PromptedViT
 from vptool.prompting.modes import mode_for
 from vptool.prompting.spt import FORMS, SOURCES, STRATEGIES, pool_prompts, sample_prompts
@@ -89,7 +90,8 @@ def prompt_tensor_name(recipe: Recipe) -> str:
     """``prompts.deep`` for deep prompts, ``prompts.shallow`` for shallow and gated ones.
 
     Raises:
-        UserError: ``prompt.mode: none`` (no prompts to initialise).
+        UserError: ``prompt.mode: none`` (no prompts to initialise), or a ``prompt.location`` whose prompts are
+            not prompt tokens (``vptool.prompting.locations``).
     """
     mode = mode_for(recipe.prompt.mode)
     if not mode.has_prompts:
@@ -97,6 +99,9 @@ def prompt_tensor_name(recipe: Recipe) -> str:
                         "(e.g. method: spt-deep) or --set prompt.mode=deep")
     if recipe.prompt.length == 0:
         raise UserError("prompt.length: 0 has no prompts to initialise; set prompt.length >= 1")
+    if not location_for(recipe.prompt.location).tokens:
+        raise UserError(f"prompt.location: {recipe.prompt.location!r} trains no prompt tokens; init-prompts builds "
+                        "them for prompt.location prepend; set prompt.location prepend or prompt.init xavier")
     return mode.tensor_name
 
 

@@ -33,6 +33,7 @@ from vptool.engine.runtime import resolve_device
 from vptool.engine.setup import Setup, prepare
 from vptool.errors import UserError
 from vptool.paths import write_csv_atomically, write_text_atomically
+from vptool.prompting.locations import location_for
 from vptool.recipe import Recipe
 
 HISTORY_DIR = "prompt_history"
@@ -160,6 +161,10 @@ def _require_prompts(recipe: Recipe) -> None:
                         "prompted method (vpt-shallow, vpt-deep, gatevpt, spt-*, vptm)")
     if recipe.prompt.length == 0:
         raise UserError("prompt.length: 0 has no prompt tokens to probe; probe-nmi needs prompt.length >= 1")
+    if not location_for(recipe.prompt.location).rows:
+        raise UserError(f"prompt.location: {recipe.prompt.location!r} adds no prompt tokens to the sequence, and the "
+                        "NMI probe (SPT eq. 7-8) compares prompt tokens with patches; probe a prepend or "
+                        "prepend-pixel run")
 
 
 def probe_images(target: ProbeTarget, split: str, max_images: int | None, seed: int | None = None):

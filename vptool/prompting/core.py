@@ -16,6 +16,9 @@ papers use. The axes, each independent of the others:
     Gate priors start at ``gamma_l = -gate_init`` (official code). ``hard`` gates (Table 4 ablation) are a
     straight-through Gumbel-sigmoid: in training ``s = sigmoid(gamma + log u - log(1 - u))``, u ~ U(0, 1) drawn
     per image and gate, forward value ``1[s > 0.5]``, gradient of ``s``; in evaluation ``1[gamma > 0]``.
+- prompt location (VPT Fig. 5, §4.3) ``prepend`` / ``add`` / ``add-1`` / ``prepend-pixel`` / ``concat-channel`` /
+  ``pad``, each a unit in ``vptool.prompting.locations`` (its tensors, how it changes the embedded tokens, which
+  modes it takes); ``prepend`` is the modes' own rows above.
 - learnable attention temperature (GateVPT eq. 9): tau_l per block, init 1, logits divided by tau_l for every
   token and head; kept in ``[temperature_min, temperature_max]`` (official code: [0.01, 10]) by clamping in the
   forward and projecting the parameter after each optimizer step (``constrain_``), like the official in-place clamp.
@@ -51,6 +54,7 @@ from vptool.prompting.families import family_for
 from vptool.prompting.heads import build_head
 from vptool.prompting.init import init_prompts, load_prompt_file
 from vptool.prompting.layout import RowLayout, default_order, order_problem
+from vptool.prompting.locations import location_for
 from vptool.prompting.modes import BlockStep, PromptTokens, mode_for
 from vptool.prompting.modes.gated import PromptGates
 
@@ -127,6 +131,7 @@ class PromptedCore(nn.Module):
         # the prompt mode's unit: shapes, names, how it runs each block; prompt.length 0 is no prompt tokens (VPTM
         # Fig. 7's verbalizer-only point), whatever the mode
         self.mode = mode_for(c.prompt_mode if c.prompt_length > 0 else "none")
+        self.location = location_for(c.prompt_location)  # where the prompts enter (VPT Fig. 5): tensors, embedding
         self.prompt_mode = c.prompt_mode
         self.readout_pool = c.readout_pool
         self.readout_norm = c.readout_norm
@@ -134,8 +139,9 @@ class PromptedCore(nn.Module):
         self.deep_form = c.deep_form
         self.num_prefix_tokens = backbone.num_prefix_tokens
         D, L = backbone.embed_dim, len(backbone.blocks)
-        if c.prompt_location != "prepend" and self.mode.has_prompts:
-            raise UserError(f"prompt.location: {c.prompt_location!r} is not built yet for this backbone; use prepend")
+        problem = self.location.problem(c, self.family.name)
+        if problem:
+            raise UserError(problem)
         if c.readout_pool == "prompt" and not self.mode.has_prompts:
             raise UserError("readout.pool: 'prompt' pools the prompt tokens; prompt.mode none has none; use cls or "
                             "avg")
@@ -176,16 +182,23 @@ class PromptedCore(nn.Module):
 
     @property
     def prompt_rows(self) -> bool:
-        """Whether the prompts are rows of every block's input (the mode's ``rows``)."""
-        return self.mode.rows
+        """Whether the prompts are rows of every block's input (the mode's ``rows``, at a location with rows)."""
+        return self.mode.rows and self.location.rows
 
     def _build_prompts(self, c: ModelConfig, values: torch.Tensor | None,
-                       generator: torch.Generator | None) -> PromptTokens | None:
+                       generator: torch.Generator | None) -> nn.Module | None:
         """The prompt tokens, shaped by the mode (``mode.shape``: (Np, D) or (L, Np, D)), from ``values``, a file or
-        an init rule; None for a mode without prompts."""
+        an init rule; the location's tensors where it has its own (``vptool.prompting.locations``); None for a mode
+        without prompts."""
         mode = self.mode
         if not mode.has_prompts:
             return None
+        own = self.location.build(self, c, generator)
+        if own is not None:
+            if values is not None:
+                raise UserError(f"prompt.init: given prompt values fit prompt.location prepend, not "
+                                f"{c.prompt_location!r}; use prompt.init xavier or zeros")
+            return own
         bb = self.backbone
         D, L = bb.embed_dim, len(bb.blocks)
         shape = mode.shape(L, c.prompt_length, D, c.prompt_blocks)
@@ -243,7 +256,7 @@ class PromptedCore(nn.Module):
         self.backbone.eval()
 
     def _check_order(self, order: str | None) -> str:
-        has_prompts, has_mask = self.prompts is not None, self.mask_source is not None
+        has_prompts, has_mask = self.prompts is not None and self.location.rows, self.mask_source is not None
         order = default_order(has_prompts, has_mask) if order is None else order
         problem = order_problem(order, has_prompts, has_mask)
         if problem:
@@ -294,9 +307,9 @@ class PromptedCore(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding + position embedding + prefix tokens (the family's ``embed``):
-        (B, 3, H, W) -> (B, n_prefix + N, D)."""
-        return self.family.embed(self.backbone, x)
+        """Patch embedding + position embedding + prefix tokens (the family's ``embed``, through the prompt
+        location's pixels where it has some: ``concat-channel``, ``pad``): (B, 3, H, W) -> (B, n_prefix + N, D)."""
+        return self.location.embed(self, x)
 
     def temperatures(self) -> torch.Tensor | None:
         """tau (L,) clamped to the allowed range, or None when the temperature is fixed."""
@@ -316,7 +329,8 @@ class PromptedCore(nn.Module):
     def _blocks(self, x: torch.Tensor, last: int | None = None):
         """Run the blocks; yield ``(i, tokens after block i (B, T, D), their row order, N)`` for i = 0..last.
 
-        Each block is the prompt mode's (``PromptModeUnit.block``). After a gated block the prompt rows are already
+        Each block is the prompt location's (``LocationUnit.block``: the prompt mode's ``PromptModeUnit.block``,
+        or ``add``'s sets added to the rows). After a gated block the prompt rows are already
         the gated mix (GateVPT eq. 7), i.e. the rows entering block i + 1.
         """
         blocks = self.backbone.blocks
@@ -327,14 +341,14 @@ class PromptedCore(nn.Module):
         parts = {"C": tok[:, :self.num_prefix_tokens], "X": tok[:, self.num_prefix_tokens:]}
         if self.mask_source is not None:
             parts["M"] = self.mask_token.to(tok.dtype).unsqueeze(0).expand(B, -1, -1)
-        if self.mode.rows:
+        if self.prompt_rows:
             parts["P"] = self.prompts.set(None, B).to(tok.dtype).expand(B, -1, -1)
         order = self.row_order()
         h = self.assemble(parts, order)
         step = BlockStep(B, N, self.temperatures(), self.mode.begin(self, B), self.family.start(self.backbone))
         for i, blk in enumerate(blocks[:last + 1]):
             step.state["i"] = i
-            h, order = self.mode.block(self, step, i, blk, h, order)
+            h, order = self.location.block(self, step, i, blk, h, order)  # the mode's block, or the location's
             yield i, h, order, N
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -392,7 +406,7 @@ class PromptedCore(nn.Module):
         if not take or min(take) < 0 or max(take) >= L:
             raise ValueError(f"indices={indices!r} must select blocks among 0..{L - 1}")
         norm_layer = self.family.final_norm(self.backbone) if norm else None
-        grid = self.backbone.patch_embed.grid_size if output_fmt == "NCHW" else None
+        grid = self.location.grid(self) if output_fmt == "NCHW" else None
         out: list = []
         h = None
         for i, h, order, N in self._blocks(x, last=max(take) if stop_early else None):
@@ -476,7 +490,8 @@ class PromptedCore(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the tensors the run saves (never the frozen backbone unless ``tune="all"``).
 
-        Names follow the adapter contract: ``prompts.shallow`` (Np, D) or ``prompts.deep`` (L, Np, D),
+        Names follow the adapter contract: ``prompts.shallow`` (Np, D) or ``prompts.deep`` (L, Np, D) (another
+        ``prompt.location`` has its own ``prompts.*``: ``vptool.prompting.locations``),
         ``gates.logit`` (L-1,), ``temperature`` (L,), ``mask_token`` (1, D) when learned, ``head.weight`` (K, D),
         ``head.bias`` (K,) (``head.fc1.*``/``head.fc2.*`` for mlp2), ``verbalizer.proj.weight`` (t, D),
         ``verbalizer.proj.bias`` (t,), ``verbalizer.prototypes`` (K, t), ``fc_norm.weight``/``fc_norm.bias`` (D,).

@@ -58,6 +58,16 @@ class Family:
         """(B, 3, H, W) images -> (B, n_prefix + N, D) tokens entering block 1."""
         raise NotImplementedError
 
+    def embed_patches(self, backbone: nn.Module, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """What ``embed`` does after the patch projection: (B, N, D) patch embeddings on a ``grid`` (h, w) patch grid
+        (None: the backbone's own) -> (B, n_prefix + N, D). The pixel-level prompt locations
+        (``vptool.prompting.locations``) project the pixels themselves and hand the tokens here.
+
+        Raises:
+            UserError: a grid other than the backbone's where the family cannot place positions on it.
+        """
+        raise NotImplementedError
+
     def start(self, backbone: nn.Module) -> dict:
         """Per-forward state the blocks of one forward share (``block``'s ``state``): e.g. a position bias every
         block uses, computed once. Default: nothing."""

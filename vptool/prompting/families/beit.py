@@ -35,7 +35,13 @@ class BeitOps(Family):
     name = "beit"
 
     def embed(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = backbone.patch_embed(x)
+        return self.embed_patches(backbone, backbone.patch_embed(x))
+
+    def embed_patches(self, backbone: nn.Module, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The backbone's own grid only: the relative position bias is tied to the pretrained grid."""
+        if grid is not None and tuple(grid) != tuple(backbone.patch_embed.grid_size):
+            raise UserError(f"prompt.location: a {grid} patch grid, but BEiT's relative position bias is tied to its "
+                            f"{tuple(backbone.patch_embed.grid_size)} grid; use prompt.location prepend-pixel")
         x = torch.cat([backbone.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if backbone.pos_embed is not None:
             x = x + backbone.pos_embed

@@ -47,8 +47,15 @@ class VitOps(Family):
     name = "vit"
 
     def embed(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = backbone.patch_embed(x)
-        x = backbone._pos_embed(x)  # timm's: prefix tokens (CLS, registers) and the absolute position embedding
+        return self.embed_patches(backbone, backbone.patch_embed(x))
+
+    def embed_patches(self, backbone: nn.Module, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """On another ``grid`` than the backbone's, the position embedding's grid part is resampled to it
+        (bilinear, corners aligned: the official VPT code's ``ndimage.zoom(order=1)`` for ``pad``)."""
+        if grid is None or tuple(grid) == tuple(backbone.patch_embed.grid_size):
+            x = backbone._pos_embed(x)  # timm's: prefix tokens (CLS, registers) and the absolute position embedding
+        else:
+            x = resized_pos_embed(backbone, x, tuple(grid))
         x = backbone.patch_drop(x)
         return backbone.norm_pre(x)
 
@@ -67,6 +74,25 @@ class VitOps(Family):
         o = attn.proj_drop(attn.proj(o))
         x = x + blk.drop_path1(blk.ls1(o))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def resized_pos_embed(backbone: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """timm's ``_pos_embed`` for (B, h*w, D) patch tokens on another ``grid`` (h, w): the grid part of
+    ``pos_embed`` resampled bilinearly with corners aligned, the prefix tokens (CLS, registers) placed as timm does
+    (with their position embedding unless ``no_embed_class``) -> (B, n_prefix + h*w, D)."""
+    import torch.nn.functional as F
+
+    B, _, D = x.shape
+    n_pos_prefix = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
+    pos = backbone.pos_embed
+    prefix = [t.expand(B, -1, -1) for t in (backbone.cls_token, backbone.reg_token) if t is not None]
+    if pos is None:
+        return torch.cat([*prefix, x], dim=1)
+    g = pos[:, n_pos_prefix:].reshape(1, *backbone.patch_embed.grid_size, D).permute(0, 3, 1, 2)
+    g = F.interpolate(g, size=grid, mode="bilinear", align_corners=True).permute(0, 2, 3, 1).reshape(1, -1, D)
+    if backbone.no_embed_class:
+        return backbone.pos_drop(torch.cat([*prefix, x + g], dim=1))
+    return backbone.pos_drop(torch.cat([*prefix, x], dim=1) + torch.cat([pos[:, :n_pos_prefix], g], dim=1))
 
 
 # ------------------------------------------------------------------------------------------------------------
