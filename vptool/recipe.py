@@ -44,6 +44,7 @@ from vptool.options import (
     PromptMode,
     ReadoutNormSetting,
     ReadoutPoolSetting,
+    SwinMerge,
     Temperature,
     TrainTransform,
     Tune,
@@ -113,6 +114,7 @@ class PromptConfig:
     length: int = recipe_field("prompt_length")
     blocks: Optional[Blocks] = recipe_field("prompt_blocks")
     location: PromptLocation = recipe_field("prompt_location")
+    swin_merge: SwinMerge = recipe_field("swin_merge")
     init: PromptInit = recipe_field("prompt_init")
     init_file: Optional[str] = recipe_field("prompt_file")
     init_fraction: float = _f(1.0, "SPT kmeans: fraction of the training split whose tokens are clustered")

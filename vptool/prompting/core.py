@@ -127,8 +127,11 @@ class PromptedCore(nn.Module):
         self.readout_norm = c.readout_norm
         self.tune = c.tune
         self.deep_form = c.deep_form
-        self.num_prefix_tokens = backbone.num_prefix_tokens
-        D, L = backbone.embed_dim, len(backbone.blocks)
+        # D the head's width, L the blocks (a hierarchical family: over every stage; Family.sizes)
+        D, L, self.num_prefix_tokens = self.family.sizes(backbone)
+        if self.family.owns_forward:  # a family with its own prompted forward refuses what it cannot run (Swin)
+            self.family.check_config(backbone, c)
+        self.num_features = D
         if c.prompt_location != "prepend" and self.mode.has_prompts:
             raise UserError(f"prompt.location: {c.prompt_location!r} is not built yet for this backbone; use prepend")
         if c.readout_pool == "prompt" and not self.mode.has_prompts:
@@ -178,6 +181,8 @@ class PromptedCore(nn.Module):
         mode = self.mode
         if not mode.has_prompts:
             return None
+        if self.family.owns_forward:  # e.g. Swin: a width per stage (Family.build_prompts)
+            return self.family.build_prompts(self, c, values, generator)
         bb = self.backbone
         D, L = bb.embed_dim, len(bb.blocks)
         shape = mode.shape(L, c.prompt_length, D, c.prompt_blocks)
@@ -336,8 +341,11 @@ class PromptedCore(nn.Module):
             (B, 3, H, W)
         Output Shape:
             (B, T, D), rows in ``self.output_order`` (``self.slices`` gives each letter's rows): prefix tokens,
-            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row.
+            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row. A family that
+            owns its forward (Swin) returns its own rows (``Family.forward_features``).
         """
+        if self.family.owns_forward:
+            return self.family.forward_features(self, x)
         out = None
         for _, h, _, _ in self._blocks(x):
             out = h
@@ -372,6 +380,9 @@ class PromptedCore(nn.Module):
         Raises:
             ValueError: an index outside the blocks or an unknown ``output_fmt``.
         """
+        if self.family.owns_forward:
+            raise UserError(f"forward_intermediates: the {self.family.name} family has no token sequence per block; "
+                            "init-prompts (SPT) and probe-nmi read one, use a ViT or BEiT backbone")
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is not one of 'NCHW', 'NLC'")
         L = len(self.backbone.blocks)
@@ -414,6 +425,8 @@ class PromptedCore(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """The readout's pooling (``readout.pool``): (B, T, D) tokens -> (B, D), before the readout norm."""
+        if self.family.owns_forward:
+            return self.family.pool(self, x)
         order = self.output_order
         n = self.num_prefix_tokens
         N = x.shape[1] - sum(self._lengths(0)[ch] for ch in order if ch != "X")
@@ -432,6 +445,8 @@ class PromptedCore(nn.Module):
 
     def norm_pooled(self, z: torch.Tensor) -> torch.Tensor:
         """The readout's norm (``readout.norm``) on pooled (B, D) features."""
+        if self.family.owns_forward:
+            return self.family.norm_pooled(self, z)
         if self.readout_norm == "pretrained":
             z = self.family.final_norm(self.backbone)(z)
         elif self.readout_norm == "fresh":
