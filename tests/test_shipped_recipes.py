@@ -24,6 +24,7 @@ DIGITS = [p for p in RECIPES if "dataset: digits" in p.read_text()]
 PAPER = [p for p in RECIPES if p not in DIGITS]
 
 D_BASE, L_BASE = 768, 12
+SWIN_B_D = 1024
 
 
 def expected_trainable(r: dict) -> int:
@@ -36,6 +37,10 @@ def expected_trainable(r: dict) -> int:
     np_, k = r["prompt"]["length"], r["data"]["num_classes"]
     head = D_BASE * k + k
     method = r["method"]
+    if r["backbone"]["name"].startswith("swin_base"):  # Swin-B (Liu et al. 2021): C = 128, depths 2, 2, 18, 2
+        widths = [128] * 2 + [256] * 2 + [512] * 18 + [1024] * 2  # VPT §4.2: deep sets of each block's width
+        assert method == "vpt-deep", method
+        return np_ * sum(widths) + SWIN_B_D * k + k  # a linear head on the pooled last stage (width 8C)
     if method in ("vpt-shallow", "spt-shallow"):
         return np_ * D_BASE + head
     if method in ("vpt-deep", "spt-deep"):
