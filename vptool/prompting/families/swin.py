@@ -129,8 +129,12 @@ def window_attention(attn: nn.Module, xw: torch.Tensor, hp: torch.Tensor | None,
         if keep:
             q = torch.cat([pq.expand(shape), q], dim=-2)
             bias = F.pad(bias, (0, 0, Np, 0))  # ... and from the prompt queries to every key
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=attn.scale)
-    o = attn.proj_drop(attn.proj(o.transpose(2, 3).reshape(B, nW, o.shape[-2], -1)))
+    # 4-D for the attention kernels (and ONNX): windows x heads as one axis, the bias shared by the B images
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    bias = bias.expand(nW, Hh, Tq, Tk).reshape(1, nW * Hh, Tq, Tk).to(q.dtype)
+    o = F.scaled_dot_product_attention(q.reshape(B, nW * Hh, Tq, -1), k.reshape(B, nW * Hh, Tk, -1),
+                                       v.reshape(B, nW * Hh, Tk, -1), attn_mask=bias, scale=attn.scale)
+    o = attn.proj_drop(attn.proj(o.reshape(B, nW, Hh, Tq, -1).transpose(2, 3).reshape(B, nW, Tq, -1)))
     if hp is None or not keep:
         return o, None
     return o[:, :, Np:], o[:, :, :Np].mean(dim=1)
