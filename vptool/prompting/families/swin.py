@@ -364,6 +364,18 @@ def convert_swin_microsoft(sd: dict[str, torch.Tensor]) -> Converted:
     return timm_sd, {}, ignored
 
 
+def swin_pretraining(name: str, family: str | None) -> str | None:
+    """``supervised`` for a model of this family (timm's Swin weights and Microsoft's are ImageNet-1k/22k
+    classification; VPT Table 2 uses the in22k one), else None."""
+    return "supervised" if family == SwinOps.name else None
+
+
+def swin_constructor_kwargs(format: str, kwargs: dict) -> dict:
+    """Swin formats need no constructor kwargs: the user's ``backbone.kwargs`` as they are (Microsoft's and timm's
+    files differ in key names only)."""
+    return kwargs
+
+
 #: the Swin family: timm ``SwinTransformer`` and Microsoft's checkpoint layout. Readout: no rows of its own (a
 #: supervised backbone without a class token: ``auto`` is ``avg`` + ``pretrained``, ``vptool.conventions``).
 FAMILY = FamilySpec(
@@ -376,6 +388,8 @@ FAMILY = FamilySpec(
                          detect_rank=60, pretraining="supervised", own_models_only=True,
                          title="Microsoft Swin"),
     ),
+    pretraining=swin_pretraining,
+    constructor_kwargs=swin_constructor_kwargs,
     timm_module="swin_transformer",
     models="a timm Swin model, e.g. swin_base_patch4_window7_224",
 )
