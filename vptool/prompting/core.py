@@ -68,10 +68,13 @@ POSITIONAL_OPTIONS = ("prompt_mode", "prompt_length", "prompt_init", "prompt_fil
 class PromptedCore(nn.Module):
     """The prompted model without its library face (``vptool.prompting.model.PromptedViT`` adds ``predict``,
     ``save_pretrained``, ``from_pretrained``): a frozen timm ViT/BEiT with prompts, optional [MASK] token,
-    temperature, a readout and a head.
+    temperature, a readout and a head. A family that owns its forward (Swin: prompts inside every window, VPT
+    §4.2) gets its prompts, forward and readout from its ops (``Family.owns_forward``); D is then the width the
+    head reads (Swin's last stage) and L the blocks over every stage.
 
     Args:
-        backbone: frozen timm ``VisionTransformer`` or ``Beit`` (see ``vptool.backbones.build_backbone``).
+        backbone: frozen timm ``VisionTransformer``, ``Beit`` or ``SwinTransformer`` (see
+            ``vptool.backbones.build_backbone``).
         config: the options (``vptool.config.ModelConfig``: prompt mode and length, readout, head, tune, ...,
             each documented there), with ``num_classes`` K. The keyword form is the same options as keywords:
             ``PromptedViT(backbone, K, "deep", 10, readout_pool="avg")`` equals
@@ -379,6 +382,7 @@ class PromptedCore(nn.Module):
 
         Raises:
             ValueError: an index outside the blocks or an unknown ``output_fmt``.
+            UserError: a family that owns its forward (Swin) has no token sequence per block.
         """
         if self.family.owns_forward:
             raise UserError(f"forward_intermediates: the {self.family.name} family has no token sequence per block; "

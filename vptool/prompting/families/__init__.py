@@ -220,7 +220,7 @@ class FamilySpec:
     readout conventions (one per family file, as its ``FAMILY``).
 
     Attributes:
-        name: the family name (``vit``, ``beit``; ``Family.name`` of its ops).
+        name: the family name (``vit``, ``beit``, ``swin``; ``Family.name`` of its ops).
         timm_class: dotted path of the timm model class (matched exactly by ``family_for``).
         ops: the family's ``Family`` ops.
         problem: ``model -> why it cannot be prompted, or None``.
