@@ -284,3 +284,13 @@ def test_the_swin_digits_recipe_reaches_90_percent(tmp_path):
     ev = invoke_cli("eval", str(tmp_path / "vpt_swin_digits"), "--json")
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["top1"] == summary["test_top1"]
+
+
+def test_probe_nmi_and_init_prompts_refuse_a_swin_in_one_line(tmp_path):
+    """Both read the token sequence entering each block (SPT eq. 7-10), which a Swin does not have."""
+    path = write_recipe(tmp_path, {**swin_recipe(tmp_path), "method": "vpt-shallow"})
+    for args in (("probe-nmi", str(path)), ("init-prompts", str(path), "--strategy", "random", "-o",
+                                            str(tmp_path / "p.safetensors"))):
+        res = invoke_cli(*args)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: backbone.name"), res.stderr
