@@ -220,6 +220,11 @@ def test_options_without_meaning_on_swin_are_one_line(swin, kw, key):
     assert str(exc.value).startswith(key) and "\n" not in str(exc.value)
 
 
+def test_forward_intermediates_is_refused(swin, images):
+    with pytest.raises(UserError, match="^forward_intermediates: the swin family"):
+        model(swin, "shallow").forward_intermediates(images)
+
+
 def test_microsoft_checkpoint_loads_as_timm(swin, images, tmp_path):
     """Microsoft's release ends stage i with the merging timm's stage i + 1 starts with, and carries buffers and
     a head: written here from timm's state dict, it must load (detected) into the same model."""

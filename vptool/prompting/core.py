@@ -318,7 +318,14 @@ class PromptedCore(nn.Module):
 
         Each block is the prompt mode's (``PromptModeUnit.block``). After a gated block the prompt rows are already
         the gated mix (GateVPT eq. 7), i.e. the rows entering block i + 1.
+
+        Raises:
+            UserError: a family that owns its forward (Swin) has no token sequence per block (``forward_intermediates``
+                reads this).
         """
+        if self.family.owns_forward:
+            raise UserError(f"forward_intermediates: the {self.family.name} family has no token sequence per block; "
+                            "use a ViT or BEiT backbone")
         blocks = self.backbone.blocks
         last = len(blocks) - 1 if last is None else last
         tok = self.embed(x)
@@ -382,11 +389,7 @@ class PromptedCore(nn.Module):
 
         Raises:
             ValueError: an index outside the blocks or an unknown ``output_fmt``.
-            UserError: a family that owns its forward (Swin) has no token sequence per block.
         """
-        if self.family.owns_forward:
-            raise UserError(f"forward_intermediates: the {self.family.name} family has no token sequence per block; "
-                            "init-prompts (SPT) and probe-nmi read one, use a ViT or BEiT backbone")
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is not one of 'NCHW', 'NLC'")
         L = len(self.backbone.blocks)
