@@ -392,7 +392,7 @@ class PromptedCore(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is not one of 'NCHW', 'NLC'")
-        L = len(self.backbone.blocks)
+        L = self.family.sizes(self.backbone)[1]  # blocks (over every stage: Swin, refused in _blocks)
         if indices is None:
             take = list(range(L))
         elif isinstance(indices, int):
