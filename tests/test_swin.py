@@ -212,6 +212,7 @@ def test_deep_adapter_round_trip(swin, images, tmp_path):
     (dict(readout_pool="cls"), "readout.pool"),
     (dict(temperature="learnable"), "attention.temperature"),
     (dict(prompt_location="add"), "prompt.location"),
+    (dict(prompt_init="file", prompt_file="p.safetensors"), "prompt.init"),
 ])
 def test_options_without_meaning_on_swin_are_one_line(swin, kw, key):
     kw = {"prompt_mode": "shallow", "readout_pool": "avg", **kw}

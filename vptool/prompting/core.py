@@ -494,6 +494,7 @@ class PromptedCore(nn.Module):
         ``gates.logit`` (L-1,), ``temperature`` (L,), ``mask_token`` (1, D) when learned, ``head.weight`` (K, D),
         ``head.bias`` (K,) (``head.fc1.*``/``head.fc2.*`` for mlp2), ``verbalizer.proj.weight`` (t, D),
         ``verbalizer.proj.bias`` (t,), ``verbalizer.prototypes`` (K, t), ``fc_norm.weight``/``fc_norm.bias`` (D,).
+        On Swin deep prompts are one tensor per stage, ``prompts.deep.<s>`` (depth_s, Np, D_s) (``families.swin``).
         """
         out = {}
         for prefix, mod in self.adapter_modules().items():

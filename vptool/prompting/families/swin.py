@@ -31,8 +31,9 @@ its prompted forward (``Family.owns_forward``), instead of running the token-seq
   ``pretrained`` (a supervised backbone without a class token, ``vptool.conventions``).
 
 Not built on Swin (refused in one line naming the key): gated prompts, a [MASK] token, token orders, prompt
-locations other than prepend, ``prompt.blocks``, a learnable temperature, SPT prompt init and ``init-prompts`` /
-``probe-nmi`` (they read a token sequence per block), readouts other than ``avg``/``avg_all``.
+locations other than prepend, ``prompt.blocks``, a learnable temperature, prompt init other than xavier/zeros (SPT
+strategies and ``init-prompts`` files; ``init-prompts`` and ``probe-nmi`` read a token sequence per block),
+readouts other than ``avg``/``avg_all``.
 
 Shapes: B images, (H, W) a stage's patch grid, C (= D_s) its width, nW windows, n = ws^2 patches per window, Np
 prompts, Hh heads, dh head width.
@@ -49,7 +50,7 @@ from torch import nn
 from vptool.backbones.statedict import Converted
 from vptool.errors import UserError
 from vptool.prompting.families import CheckpointFormat, Family, FamilySpec
-from vptool.prompting.init import init_prompts, load_prompt_file
+from vptool.prompting.init import init_prompts
 from vptool.prompting.layout import default_order
 from vptool.prompting.modes import PromptTokens, mode_for
 
@@ -207,8 +208,6 @@ class SwinOps(Family):
 
     def check_config(self, backbone: nn.Module, c) -> None:
         """Refuse, in one line naming the key, an option that has no meaning on Swin (the module doc's list)."""
-        from vptool.prompting.spt import STRATEGIES
-
         def no(key: str, value, fix: str) -> UserError:
             return UserError(f"{key}: {value!r} is not built for Swin (VPT §4.2 prompts inside windows); {fix}")
 
@@ -227,37 +226,26 @@ class SwinOps(Family):
             raise no("attention.temperature", c.temperature, "use fixed")
         if mode.has_prompts and c.prompt_location != "prepend":
             raise no("prompt.location", c.prompt_location, "use prepend")
-        if mode.has_prompts and c.prompt_init in STRATEGIES:
+        if mode.has_prompts and c.prompt_init not in ("xavier", "zeros"):  # SPT strategies and init-prompts files
             raise no("prompt.init", c.prompt_init, "use xavier or zeros")
 
     def build_prompts(self, model, c, values: torch.Tensor | None, generator: torch.Generator | None):
         """``prompts.shallow`` (Np, D_0) (a ``PromptTokens``), or the deep sets ``prompts.deep.<s>``
-        (depth_s, Np, D_s) (a ``StagePrompts``), from ``values`` (shallow only), a file (shallow only) or xavier
-        / zeros with the bound of D_0 (official code).
+        (depth_s, Np, D_s) (a ``StagePrompts``), xavier or zeros (``prompt.init``), every stage with the xavier bound
+        of D_0 (official code: v = sqrt(6 / (3 P^2 + D_0)) computed once).
 
         Raises:
-            UserError: values or a file of the wrong shape, or given for deep prompts.
+            UserError: initial ``values`` given (an SPT init; not built for Swin).
         """
-        bb = model.backbone
-        patch = tuple(bb.patch_embed.patch_size)
-        sizes = stage_sizes(bb)
+        if values is not None:
+            raise UserError("prompt.init: initial prompt values (an SPT init) are not built for Swin; use xavier or "
+                            "zeros")
+        patch = tuple(model.backbone.patch_embed.patch_size)
+        sizes = stage_sizes(model.backbone)
         D0, Np = sizes[0][1], c.prompt_length
         if model.mode.rows:  # one set carried as rows (VPT-shallow)
-            if values is not None:
-                if tuple(values.shape) != (Np, D0):
-                    raise UserError(f"prompt.init: prompts.shallow has shape {tuple(values.shape)}, the model needs "
-                                    f"{(Np, D0)}; match prompt.length and the backbone")
-                init = values.detach().float().cpu().clone()
-            elif c.prompt_init == "file":
-                if not c.prompt_file:
-                    raise UserError("prompt.init_file: missing; prompt.init 'file' needs an init-prompts output")
-                init = load_prompt_file(c.prompt_file, "prompts.shallow", (Np, D0))
-            else:
-                init = init_prompts((Np, D0), c.prompt_init, patch, D0, generator)
-            return PromptTokens("shallow", init, c.prompt_dropout)
-        if values is not None or c.prompt_init not in ("xavier", "zeros"):
-            raise UserError(f"prompt.init: {c.prompt_init!r} for deep prompts on Swin: one tensor per stage "
-                            "(prompts.deep.<s>) is built from xavier or zeros only; use xavier or zeros")
+            return PromptTokens("shallow", init_prompts((Np, D0), c.prompt_init, patch, D0, generator),
+                                c.prompt_dropout)
         return StagePrompts([init_prompts((d, Np, D), c.prompt_init, patch, D0, generator) for d, D in sizes],
                             c.prompt_dropout)
 
