@@ -141,6 +141,19 @@ def test_without_prompts_the_readout_is_timms_own(swin, images):
         assert m(images).shape == (2, 5)
 
 
+def test_grids_the_windows_do_not_divide_are_padded_as_timm_pads_them():
+    """40 px: 10x10 then 5x5 patches, 4x4 windows: timm pads both grids (and shifts both); without prompts the
+    prompted forward is timm's, with prompts it runs and stays finite."""
+    torch.manual_seed(0)
+    bb, _ = build_backbone(NAME, pretrained=False, kwargs={**TINY, "img_size": 40})
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = bb.forward_head(bb.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(features(model(bb, "none"), x), want, atol=1e-6, rtol=0)
+        for mode in ("shallow", "deep"):
+            assert torch.isfinite(model(bb, mode, swin_merge="official")(x)).all()
+
+
 @pytest.mark.parametrize("merge", ["drop", "official"])
 def test_shallow_prompts_equal_the_window_loop(swin, images, merge):
     m = model(swin, "shallow", swin_merge=merge)

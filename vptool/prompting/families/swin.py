@@ -16,7 +16,9 @@ its prompted forward (``Family.owns_forward``), instead of running the token-seq
 - **patch merging** (``prompt.swin_merge``): ``drop`` (default, the paper: prompts "are ignored during patch
   merging stages"): the prompt rows do not go through merging, so shallow prompts (Np, D_0) live in stage 1 only;
   ``official`` (the official code): the prompt rows are tiled 4x along the width and go through the merging's norm
-  and reduction, (Np, D_s) -> (Np, D_{s+1}), so shallow prompts reach the last stage.
+  and reduction, (Np, D_s) -> (Np, D_{s+1}), so shallow prompts reach the last stage. Deep sets replace the prompt
+  rows at every block (the official code too, at stage boundaries included), so the rule changes nothing for them.
+  The official code's whole forward is ``swin_merge: official`` with ``readout.pool: avg_all``.
 - **shallow** (VPT eq. 4-5): one set (Np, D_0) ``prompts.shallow`` enters the first block and is carried as rows.
 - **deep** (VPT eq. 7): one set per block with its stage's width: block j of stage s gets set j of
   ``prompts.deep.<s>`` (depth_s, Np, D_s); the block's prompt outputs are dropped (so a set adds keys and values
@@ -29,6 +31,9 @@ its prompted forward (``Family.owns_forward``), instead of running the token-seq
   averages the prompt rows present after the last block (the official code's pool over every row). ``fresh`` is a
   new LayerNorm after the average (MAE's ``fc_norm``), ``none`` no norm. ``auto`` resolves to ``avg`` +
   ``pretrained`` (a supervised backbone without a class token, ``vptool.conventions``).
+
+A grid that windows do not divide is padded as timm pads it (zero tokens after ``norm1``, keys of their window);
+the official code needs divisible grids.
 
 Not built on Swin (refused in one line naming the key): gated prompts, a [MASK] token, token orders, prompt
 locations other than prepend, ``prompt.blocks``, a learnable temperature, prompt init other than xavier/zeros (SPT
