@@ -284,7 +284,7 @@ def test_train_then_export_a_swin_run(tmp_path):
     summary = json.loads(res.stdout)
     run = tmp_path / "runs" / "tiny"
     assert summary["test_top1"] > 20.0  # one epoch, 10 classes
-    for fmt, out in (("adapter", "ad"), ("onnx", "m.onnx")):
+    for fmt, out in (("adapter", "ad"), ("onnx", "m.onnx"), ("pt2", "m.pt2"), ("torchscript", "m.pt")):
         ex = invoke_cli("export", str(run), "--format", fmt, "-o", str(tmp_path / out), "--json")
         assert ex.exit_code == 0, ex.output
 
