@@ -97,7 +97,7 @@ def test_recipe_sections_take_the_config_declaration():
         else:
             assert rtype == hints[f.name] and rf.default == f.default and rf.metadata["help"] == f.metadata["help"]
         checked += 1
-    assert checked == 20  # every model option with one recipe key (prompt.location, prompt.location_form the last)
+    assert checked == 21  # every model option with one recipe key (prompt.location, location_form, swin_merge)
     r = rc.resolve({"method": "gatevpt", "data": {"dataset": "digits"}, "backbone": {"name": "x"}})
     cfg = r.model_config(num_classes=3)
     assert (cfg.prompt_mode, cfg.prompt_length, cfg.temperature, cfg.temperature_range, cfg.tune) == (

@@ -26,6 +26,7 @@ PAPER = [p for p in RECIPES if p not in DIGITS]
 D_BASE, L_BASE = 768, 12
 #: width D and blocks L of the larger backbones the scale recipes name (VPT Fig. 4, SPT §4.3; ViT paper Table 1)
 WIDTH_DEPTH = {"vit_large_patch16": (1024, 24), "vit_huge_patch14": (1280, 32)}
+SWIN_B_D = 1024
 
 
 def expected_trainable(r: dict) -> int:
@@ -41,6 +42,10 @@ def expected_trainable(r: dict) -> int:
                 (D_BASE, L_BASE))
     head = D * k + k
     method = r["method"]
+    if r["backbone"]["name"].startswith("swin_base"):  # Swin-B (Liu et al. 2021): C = 128, depths 2, 2, 18, 2
+        widths = [128] * 2 + [256] * 2 + [512] * 18 + [1024] * 2  # VPT §4.2: deep sets of each block's width
+        assert method == "vpt-deep", method
+        return np_ * sum(widths) + SWIN_B_D * k + k  # a linear head on the pooled last stage (width 8C)
     if method in ("vpt-shallow", "spt-shallow"):
         return np_ * D + head
     if method in ("vpt-deep", "spt-deep"):

@@ -33,6 +33,7 @@ from vptool.options import (
     PromptMode,
     ReadoutNorm,
     ReadoutPool,
+    SwinMerge,
     Temperature,
     Tune,
     check_choice,
@@ -79,6 +80,10 @@ class ModelConfig:
         None, "deep: the blocks that receive a prompt set, 1-based as VPT Fig. 7: a range (1-6, 7-12), one block "
               "(12) or a list ([1, 5, 9]); null = every block. A block outside the set carries the prompt rows the "
               "block before it output (none before the first set)", "prompt.blocks")
+    swin_merge: SwinMerge = option(
+        "drop", "Swin: prompt rows at patch merging (VPT §4.2): drop (the paper: \"ignored during patch merging\"; "
+                "shallow prompts stay in stage 1) | official (the official code: tiled 4x through the merging's norm "
+                "and reduction)", "prompt.swin_merge")
     prompt_dropout: float = option(0.0, "dropout on each prompt set when inserted (train mode only)",
                                    "prompt.dropout")
     prompt_trainable: bool = option(True, "false freezes the prompts (head only, SPT Tab. 4a)", "prompt.trainable")

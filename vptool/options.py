@@ -43,8 +43,12 @@ Precision = Literal["auto", "fp32", "bf16"]
 FeatureCache = Literal["auto", "off"]
 #: the backbone families, each one file ``vptool/prompting/families/<name>.py``, with the checkpoint formats it
 #: converts (register a new family here: one line; ``vptool.prompting.families``)
-BACKBONE_FAMILIES = {"vit": ("timm", "mae", "mocov3", "mocov3-linear", "jax-npz"), "beit": ("beitv2-pretrain",)}
+BACKBONE_FAMILIES = {"vit": ("timm", "mae", "mocov3", "mocov3-linear", "jax-npz"), "beit": ("beitv2-pretrain",),
+                     "swin": ("swin-microsoft",)}
 BackboneFormat = Literal[("auto", *(f for formats in BACKBONE_FAMILIES.values() for f in formats))]
+#: Swin: what patch merging does with the prompt rows (VPT §4.2): drop (the paper: prompts are ignored by merging) |
+#: official (the official code: tiled 4x through the merging's norm and reduction)
+SwinMerge = Literal["drop", "official"]
 VtabSplit = Literal["final", "tune"]
 InitTransform = Literal["auto", "eval", "train"]
 

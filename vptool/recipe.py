@@ -45,6 +45,7 @@ from vptool.options import (
     PromptMode,
     ReadoutNormSetting,
     ReadoutPoolSetting,
+    SwinMerge,
     Temperature,
     TrainTransform,
     Tune,
@@ -115,6 +116,7 @@ class PromptConfig:
     blocks: Optional[Blocks] = recipe_field("prompt_blocks")
     location: PromptLocation = recipe_field("prompt_location")
     location_form: LocationForm = recipe_field("prompt_location_form")
+    swin_merge: SwinMerge = recipe_field("swin_merge")
     init: PromptInit = recipe_field("prompt_init")
     init_file: Optional[str] = recipe_field("prompt_file")
     init_fraction: float = _f(1.0, "SPT kmeans: fraction of the training split whose tokens are clustered")

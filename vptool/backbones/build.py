@@ -130,8 +130,9 @@ def check_supported(model: nn.Module, name: str) -> None:
 
     Supported: a timm ``VisionTransformer`` whose blocks are all the standard ``Block`` with ``Attention`` (CLS
     and any register tokens as prefix tokens), or a timm ``Beit`` whose blocks are all ``timm.models.beit.Block``
-    with ``timm.models.beit.Attention`` (shared or per-block relative position bias). EVA, Swin and every other
-    class are refused.
+    with ``timm.models.beit.Attention`` (shared or per-block relative position bias), or a timm ``SwinTransformer``
+    whose blocks are ``SwinTransformerBlock`` with ``WindowAttention``. EVA, Swin V2 and every other class are
+    refused.
 
     Raises:
         UserError: one line naming ``backbone.name``, why, and what is supported.

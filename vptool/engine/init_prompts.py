@@ -32,6 +32,7 @@ from vptool.engine.runtime import autocast, autocast_dtype, resolve_device, seed
 from vptool.errors import UserError
 from vptool.paths import check_new_file
 from vptool.progress import Progress
+from vptool.prompting.families import family_for
 from vptool.prompting.kmeans import StreamingKMeans
 from vptool.prompting.locations import location_for
 from vptool.prompting.model import PromptedViT
@@ -217,6 +218,10 @@ def _init_inputs(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module | Non
         b = recipe.backbone
         seed_everything(recipe.seed)  # a random-weight backbone is rebuilt exactly as train builds it
         backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
+    family = family_for(backbone, recipe.backbone.name)
+    if family.owns_forward:  # Swin: stages of different widths, no token sequence entering each block
+        raise UserError(f"backbone.name: {recipe.backbone.name!r} is a {family.name} model; SPT prompt init reads the "
+                        "tokens entering each block of a ViT/BEiT sequence; use prompt.init xavier or zeros")
     transform = init_transform(recipe, spec)
     # eval: the deterministic eval transform on the training split; train: the training augmentation (official SPT)
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=transform == "eval")

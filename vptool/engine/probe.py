@@ -149,6 +149,9 @@ def open_target(path: str | Path, prompts_file: str | Path | None = None, sets: 
     else:
         raise UserError(f"{p}: not found, or neither a run directory nor a .yaml recipe; pass runs/NAME or "
                         "recipes/NAME.yaml")
+    if setup.model.family.owns_forward:  # Swin: no token sequence per block for the NMI of SPT eq. 7-8
+        raise UserError(f"backbone.name: {recipe.backbone.name!r} is a {setup.model.family.name} model; probe-nmi "
+                        "reads the prompts and patch tokens entering each block of a ViT/BEiT sequence")
     if prompts_file is not None:
         _use_prompt_file(setup, Path(prompts_file))
         what = f"file: {prompts_file}"

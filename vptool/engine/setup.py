@@ -21,6 +21,7 @@ from vptool.engine.runtime import (  # noqa: F401  (re-exported: setup was their
     seed_everything,
 )
 from vptool.errors import UserError
+from vptool.prompting.families import family_for
 from vptool.prompting.model import PromptedViT
 from vptool.recipe import Recipe
 
@@ -48,8 +49,13 @@ def resolve_auto(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo) 
     - ``prompt.init_transform: auto``: ``train`` with ``prompt.init_form: official`` (the official SPT code
       draws its init images through the training augmentation), else ``eval``.
 
+    Then a backbone family that owns its forward (Swin) checks the options (``Family.check_config``).
+
     Returns:
         one line per resolved key, e.g. ``readout.pool: auto -> avg_all (vpt convention, mae backbone)``.
+
+    Raises:
+        UserError: an option the backbone family cannot run (named).
     """
     from vptool.recipe import PRESETS
 
@@ -66,6 +72,9 @@ def resolve_auto(recipe: Recipe, backbone: torch.nn.Module, info: BackboneInfo) 
     p = recipe.prompt
     if p.init_transform == "auto":
         p.init_transform = "train" if p.init_form == "official" else "eval"
+    family = family_for(backbone, recipe.backbone.name)
+    if family.owns_forward:  # e.g. Swin refuses SPT init before init-prompts would read a token sequence
+        family.check_config(backbone, recipe.model_config())
     return notes
 
 
@@ -177,21 +186,19 @@ def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
     Returns:
         ``{"bytes", "tokens", "prompt_params"}``.
     """
-    D, L = int(backbone.embed_dim), len(backbone.blocks)
-    n_patches = int(getattr(backbone.patch_embed, "num_patches", 0))
-    prefix = int(getattr(backbone, "num_prefix_tokens", 1))
     from vptool.prompting.modes import mode_for
 
     p, mode = recipe.prompt, mode_for(recipe.prompt.mode)
     Np = p.length if mode.has_prompts else 0
-    T = prefix + n_patches + Np + (0 if recipe.tokens.mask == "none" else 1)
-    prompt_params = mode.trained_values(L, Np, D, p.blocks)
+    # T rows, the prompt values and rows x width per block, from the family (a hierarchical one: per stage)
+    T, prompt_params, per_block = family_for(backbone).memory_terms(
+        backbone, mode, Np, p.blocks, 0 if recipe.tokens.mask == "none" else 1)
     backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
     from vptool.engine.dist import from_env
 
     B = max(1, recipe.data.batch_size // from_env().world)  # under torchrun each process holds B / W images
     through_blocks = recipe.train.tune != "head"
-    act = 2 * B * T * D * 4 * (L if through_blocks else 1)
+    act = 2 * B * 4 * (sum(per_block) if through_blocks else max(per_block))
     full = 3 * backbone_bytes if recipe.train.tune == "all" else 0
     total = 4 * prompt_params * 4 + backbone_bytes + full + act
     return {"bytes": int(total), "tokens": T, "prompt_params": prompt_params}

@@ -72,10 +72,13 @@ POSITIONAL_OPTIONS = ("prompt_mode", "prompt_length", "prompt_init", "prompt_fil
 class PromptedCore(nn.Module):
     """The prompted model without its library face (``vptool.prompting.model.PromptedViT`` adds ``predict``,
     ``save_pretrained``, ``from_pretrained``): a frozen timm ViT/BEiT with prompts, optional [MASK] token,
-    temperature, a readout and a head.
+    temperature, a readout and a head. A family that owns its forward (Swin: prompts inside every window, VPT
+    §4.2) gets its prompts, forward and readout from its ops (``Family.owns_forward``); D is then the width the
+    head reads (Swin's last stage) and L the blocks over every stage.
 
     Args:
-        backbone: frozen timm ``VisionTransformer`` or ``Beit`` (see ``vptool.backbones.build_backbone``).
+        backbone: frozen timm ``VisionTransformer``, ``Beit`` or ``SwinTransformer`` (see
+            ``vptool.backbones.build_backbone``).
         config: the options (``vptool.config.ModelConfig``: prompt mode and length, readout, head, tune, ...,
             each documented there), with ``num_classes`` K. The keyword form is the same options as keywords:
             ``PromptedViT(backbone, K, "deep", 10, readout_pool="avg")`` equals
@@ -137,11 +140,15 @@ class PromptedCore(nn.Module):
         self.readout_norm = c.readout_norm
         self.tune = c.tune
         self.deep_form = c.deep_form
-        self.num_prefix_tokens = backbone.num_prefix_tokens
-        D, L = backbone.embed_dim, len(backbone.blocks)
-        problem = self.location.problem(c, self.family.name)
-        if problem:
-            raise UserError(problem)
+        # D the head's width, L the blocks (a hierarchical family: over every stage; Family.sizes)
+        D, L, self.num_prefix_tokens = self.family.sizes(backbone)
+        self.num_features = D
+        if self.family.owns_forward:  # a family with its own prompted forward refuses what it cannot run (Swin)
+            self.family.check_config(backbone, c)
+        else:
+            problem = self.location.problem(c, self.family.name)
+            if problem:
+                raise UserError(problem)
         if c.readout_pool == "prompt" and not self.mode.has_prompts:
             raise UserError("readout.pool: 'prompt' pools the prompt tokens; prompt.mode none has none; use cls or "
                             "avg")
@@ -193,6 +200,8 @@ class PromptedCore(nn.Module):
         mode = self.mode
         if not mode.has_prompts:
             return None
+        if self.family.owns_forward:  # e.g. Swin: a width per stage (Family.build_prompts)
+            return self.family.build_prompts(self, c, values, generator)
         own = self.location.build(self, c, generator)
         if own is not None:
             if values is not None:
@@ -332,7 +341,14 @@ class PromptedCore(nn.Module):
         Each block is the prompt location's (``LocationUnit.block``: the prompt mode's ``PromptModeUnit.block``,
         or ``add``'s sets added to the rows). After a gated block the prompt rows are already
         the gated mix (GateVPT eq. 7), i.e. the rows entering block i + 1.
+
+        Raises:
+            UserError: a family that owns its forward (Swin) has no token sequence per block (``forward_intermediates``
+                reads this).
         """
+        if self.family.owns_forward:
+            raise UserError(f"forward_intermediates: the {self.family.name} family has no token sequence per block; "
+                            "use a ViT or BEiT backbone")
         blocks = self.backbone.blocks
         last = len(blocks) - 1 if last is None else last
         tok = self.embed(x)
@@ -358,8 +374,11 @@ class PromptedCore(nn.Module):
             (B, 3, H, W)
         Output Shape:
             (B, T, D), rows in ``self.output_order`` (``self.slices`` gives each letter's rows): prefix tokens,
-            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row.
+            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row. A family that
+            owns its forward (Swin) returns its own rows (``Family.forward_features``).
         """
+        if self.family.owns_forward:
+            return self.family.forward_features(self, x)
         out = None
         for _, h, _, _ in self._blocks(x):
             out = h
@@ -396,7 +415,7 @@ class PromptedCore(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r} is not one of 'NCHW', 'NLC'")
-        L = len(self.backbone.blocks)
+        L = self.family.sizes(self.backbone)[1]  # blocks (over every stage: Swin, refused in _blocks)
         if indices is None:
             take = list(range(L))
         elif isinstance(indices, int):
@@ -436,6 +455,8 @@ class PromptedCore(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """The readout's pooling (``readout.pool``): (B, T, D) tokens -> (B, D), before the readout norm."""
+        if self.family.owns_forward:
+            return self.family.pool(self, x)
         order = self.output_order
         n = self.num_prefix_tokens
         N = x.shape[1] - sum(self._lengths(0)[ch] for ch in order if ch != "X")
@@ -454,6 +475,8 @@ class PromptedCore(nn.Module):
 
     def norm_pooled(self, z: torch.Tensor) -> torch.Tensor:
         """The readout's norm (``readout.norm``) on pooled (B, D) features."""
+        if self.family.owns_forward:
+            return self.family.norm_pooled(self, z)
         if self.readout_norm == "pretrained":
             z = self.family.final_norm(self.backbone)(z)
         elif self.readout_norm == "fresh":
@@ -495,6 +518,7 @@ class PromptedCore(nn.Module):
         ``gates.logit`` (L-1,), ``temperature`` (L,), ``mask_token`` (1, D) when learned, ``head.weight`` (K, D),
         ``head.bias`` (K,) (``head.fc1.*``/``head.fc2.*`` for mlp2), ``verbalizer.proj.weight`` (t, D),
         ``verbalizer.proj.bias`` (t,), ``verbalizer.prototypes`` (K, t), ``fc_norm.weight``/``fc_norm.bias`` (D,).
+        On Swin deep prompts are one tensor per stage, ``prompts.deep.<s>`` (depth_s, Np, D_s) (``families.swin``).
         """
         out = {}
         for prefix, mod in self.adapter_modules().items():

@@ -17,6 +17,8 @@ name        timm class                                  ops file
 ==========  =========================================  ==========================================================
 ``vit``     ``VisionTransformer`` (standard ``Block``)  ``vit.py``: supervised, MAE, MoCo v3, DINOv2 (+registers)
 ``beit``    ``Beit``                                    ``beit.py``: BEiT v1/v2, shared or per-block position bias
+``swin``    ``SwinTransformer``                         ``swin.py``: prompts inside every window (VPT Table 2); owns
+                                                       its forward (hierarchical stages, ``Family.owns_forward``)
 ==========  =========================================  ==========================================================
 
 Besides its ops, a family file holds everything else that is specific to the family, as one ``FamilySpec`` named
@@ -29,7 +31,7 @@ Adding a family: write one file ``vptool/prompting/families/<name>.py`` holding 
 ``<name>_problem`` check, its converters with their detection, its constructor kwargs, its pretraining rule and
 readout rows, all gathered in ``FAMILY = FamilySpec(...)``; then register it with one line, its file name and
 format names in ``vptool.options.BACKBONE_FAMILIES`` (which also makes the formats valid ``backbone.format``
-values; and drop its class from ``KNOWN_UNSUPPORTED``). Until then a family (EVA, Swin, ...) is refused.
+values; and drop its class from ``KNOWN_UNSUPPORTED``). Until then a family (EVA, Swin V2, ...) is refused.
 """
 
 from __future__ import annotations
@@ -92,6 +94,47 @@ class Family:
         """The backbone's final norm (``norm``, or ``fc_norm`` where ``norm`` is an Identity)."""
         return backbone.norm if not isinstance(backbone.norm, nn.Identity) else backbone.fc_norm
 
+    # --------------------------------------------------------------------------------------------------------
+    # Families that own the prompted forward (hierarchical backbones, ``swin.py``). ``PromptedCore`` asks
+    # ``owns_forward``: when True it takes the sizes, the option check, the prompt tensors, the forward and the
+    # readout from the methods below instead of its own token-sequence path. ViT and BEiT (False) never reach
+    # them, so their behaviour is unchanged; ``sizes`` and ``memory_terms`` are read on both paths.
+    # --------------------------------------------------------------------------------------------------------
+    owns_forward = False
+
+    def sizes(self, backbone: nn.Module) -> tuple[int, int, int]:
+        """(D, the width the readout and head see; L, the blocks; the prefix tokens: CLS and registers)."""
+        return int(backbone.embed_dim), len(backbone.blocks), int(backbone.num_prefix_tokens)
+
+    def memory_terms(self, backbone: nn.Module, mode, Np: int, blocks: str | None,
+                     extra: int) -> tuple[int, int, list[int]]:
+        """What ``vptool.engine.setup.estimate_memory`` sizes, from shapes alone: (T rows per image: prefix +
+        patches + Np prompts + ``extra`` ([MASK]); the trained prompt values (``mode.trained_values``); rows x width
+        one image keeps per block, L values). Np is 0 for a mode without prompts."""
+        D, L = int(backbone.embed_dim), len(backbone.blocks)
+        n_patches = int(getattr(backbone.patch_embed, "num_patches", 0))
+        T = int(getattr(backbone, "num_prefix_tokens", 1)) + n_patches + Np + extra
+        return T, mode.trained_values(L, Np, D, blocks), [T * D] * L
+
+    def check_config(self, backbone: nn.Module, config) -> None:
+        """Raise ``UserError`` naming the key of an option this family cannot run (``ModelConfig``)."""
+
+    def build_prompts(self, model, config, values: torch.Tensor | None, generator: torch.Generator | None):
+        """The prompt module (``set(i, B)``, ``length``, ``dropout``) of ``model``'s mode on this backbone."""
+        raise NotImplementedError
+
+    def forward_features(self, model, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, T, D) rows after the last block, before any norm."""
+        raise NotImplementedError
+
+    def pool(self, model, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) rows -> (B, D), before the ``fresh`` readout norm (``PromptedCore.pool``)."""
+        raise NotImplementedError
+
+    def norm_pooled(self, model, z: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled -> (B, D) head input (``PromptedCore.norm_pooled``)."""
+        raise NotImplementedError
+
 
 @functools.cache
 def _families() -> tuple[tuple[type, Family, Callable[[nn.Module], str | None]], ...]:
@@ -103,13 +146,13 @@ def _families() -> tuple[tuple[type, Family, Callable[[nn.Module], str | None]],
 KNOWN_UNSUPPORTED = {
     "Eva": "the EVA family (rotary position embedding, SwiGLU blocks) has no ops file in vptool.prompting.families "
            "yet",
-    "SwinTransformer": "Swin is a windowed, hierarchical transformer without a global token sequence to prompt",
-    "SwinTransformerV2": "Swin is a windowed, hierarchical transformer without a global token sequence to prompt",
+    "SwinTransformerV2": "Swin V2 (scaled cosine attention, log-spaced continuous position bias) has no ops file "
+                         "in vptool.prompting.families yet; Swin V1 (SwinTransformer) is supported",
 }
 
 SUPPORTED_TEXT = ("vptool prompts timm VisionTransformer models with standard pre-norm blocks (e.g. "
-                  "vit_base_patch16_224, vit_small_patch14_reg4_dinov2) and timm BEiT models (e.g. "
-                  "beitv2_base_patch16_224)")
+                  "vit_base_patch16_224, vit_small_patch14_reg4_dinov2), timm BEiT models (e.g. "
+                  "beitv2_base_patch16_224) and timm Swin models (e.g. swin_base_patch4_window7_224)")
 
 
 def family_for(backbone: nn.Module, name: str | None = None) -> Family:
@@ -187,7 +230,7 @@ class FamilySpec:
     readout conventions (one per family file, as its ``FAMILY``).
 
     Attributes:
-        name: the family name (``vit``, ``beit``; ``Family.name`` of its ops).
+        name: the family name (``vit``, ``beit``, ``swin``; ``Family.name`` of its ops).
         timm_class: dotted path of the timm model class (matched exactly by ``family_for``).
         ops: the family's ``Family`` ops.
         problem: ``model -> why it cannot be prompted, or None``.
