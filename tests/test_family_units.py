@@ -150,9 +150,11 @@ def test_each_family_s_units_live_in_its_own_file():
 def test_the_family_files_own_today_s_formats_and_pretrainings():
     _, table = _table()
     by_family = {spec.name: [f.name for f in spec.formats] for spec in table}
-    assert by_family == {"vit": ["timm", "mae", "mocov3", "mocov3-linear", "jax-npz"], "beit": ["beitv2-pretrain"]}
+    assert by_family == {"vit": ["timm", "mae", "mocov3", "mocov3-linear", "jax-npz"], "beit": ["beitv2-pretrain"],
+                         "convnext": [], "resnet": []}  # ConvNets: timm's own layout, read by the timm format
     assert {spec.name: spec.pretrainings for spec in table} == {"vit": ("supervised", "mae", "mocov3"),
-                                                                "beit": ("beit",)}
+                                                                "beit": ("beit",), "convnext": ("convnet",),
+                                                                "resnet": ()}
 
 
 def test_format_names_are_unique_and_detection_ranks_distinct():

@@ -39,7 +39,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 FeatureCache = Literal["auto", "off"]
 #: the backbone families, each one file ``vptool/prompting/families/<name>.py``, with the checkpoint formats it
 #: converts (register a new family here: one line; ``vptool.prompting.families``)
-BACKBONE_FAMILIES = {"vit": ("timm", "mae", "mocov3", "mocov3-linear", "jax-npz"), "beit": ("beitv2-pretrain",)}
+BACKBONE_FAMILIES = {"vit": ("timm", "mae", "mocov3", "mocov3-linear", "jax-npz"), "beit": ("beitv2-pretrain",),
+                     "convnext": (), "resnet": ()}
 BackboneFormat = Literal[("auto", *(f for formats in BACKBONE_FAMILIES.values() for f in formats))]
 VtabSplit = Literal["final", "tune"]
 InitTransform = Literal["auto", "eval", "train"]

@@ -196,7 +196,7 @@ def _data_config(model: nn.Module, fmt: str | None) -> dict:
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(model)
-    cfg["input_size"] = (3, *model.patch_embed.img_size)  # the size the model was built for
+    cfg["input_size"] = family_for(model).input_size(model)  # the size the model was built for
     if fmt in FORMAT_NORMALIZATION:
         mean, std = FORMAT_NORMALIZATION[fmt]
         if tuple(cfg.get("mean", ())) != tuple(mean) or tuple(cfg.get("std", ())) != tuple(std):

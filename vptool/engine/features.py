@@ -168,7 +168,7 @@ def build(model, setup, recipe: Recipe, run: Path, rank: int, observer, loader_f
     device, amp = setup.device, setup.amp_dtype
     pre_norm = _trains(model.fc_norm)
     fn = feature_fn(model, pre_norm)
-    D = int(model.backbone.embed_dim)
+    D = int(model.family.width(model.backbone))  # the pooled width (ViT: embed_dim)
     splits = {s: len(setup.splits[s]) for s in ("train", "val")}
     nbytes = 4 * D * sum(splits.values())
     storage = plan_storage(nbytes, device)

@@ -21,6 +21,7 @@ from vptool.engine.runtime import (  # noqa: F401  (re-exported: setup was their
     seed_everything,
 )
 from vptool.errors import UserError
+from vptool.prompting.families import family_for
 from vptool.prompting.model import PromptedViT
 from vptool.recipe import Recipe
 
@@ -177,8 +178,9 @@ def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
     Returns:
         ``{"bytes", "tokens", "prompt_params"}``.
     """
-    D, L = int(backbone.embed_dim), len(backbone.blocks)
-    n_patches = int(getattr(backbone.patch_embed, "num_patches", 0))
+    family = family_for(backbone)  # ConvNets (no blocks: L = 0) count their weights and prompts only
+    D, L = int(family.width(backbone)), family.depth(backbone)
+    n_patches = int(getattr(getattr(backbone, "patch_embed", None), "num_patches", 0))
     prefix = int(getattr(backbone, "num_prefix_tokens", 1))
     from vptool.prompting.modes import mode_for
 

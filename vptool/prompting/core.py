@@ -127,10 +127,11 @@ class PromptedCore(nn.Module):
         self.readout_norm = c.readout_norm
         self.tune = c.tune
         self.deep_form = c.deep_form
-        self.num_prefix_tokens = backbone.num_prefix_tokens
-        D, L = backbone.embed_dim, len(backbone.blocks)
-        if c.prompt_location != "prepend" and self.mode.has_prompts:
-            raise UserError(f"prompt.location: {c.prompt_location!r} is not built yet for this backbone; use prepend")
+        self.num_prefix_tokens = getattr(backbone, "num_prefix_tokens", 0)  # ConvNets: none
+        D, L = self.family.width(backbone), self.family.depth(backbone)
+        problem = self.family.config_problem(c, self.mode)  # e.g. prompt.location (ConvNets: pad only)
+        if problem:
+            raise UserError(problem)
         if c.readout_pool == "prompt" and not self.mode.has_prompts:
             raise UserError("readout.pool: 'prompt' pools the prompt tokens; prompt.mode none has none; use cls or "
                             "avg")
@@ -178,6 +179,8 @@ class PromptedCore(nn.Module):
         mode = self.mode
         if not mode.has_prompts:
             return None
+        if self.family.owns_forward:  # ConvNets: pixel prompts (families/convnet.py)
+            return self.family.build_prompts(self, c, values, generator)
         bb = self.backbone
         D, L = bb.embed_dim, len(bb.blocks)
         shape = mode.shape(L, c.prompt_length, D, c.prompt_blocks)
@@ -336,8 +339,11 @@ class PromptedCore(nn.Module):
             (B, 3, H, W)
         Output Shape:
             (B, T, D), rows in ``self.output_order`` (``self.slices`` gives each letter's rows): prefix tokens,
-            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row.
+            patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row. A family that
+            owns its forward (ConvNets) returns its own features instead (``Family.forward_features``).
         """
+        if self.family.owns_forward:
+            return self.family.forward_features(self, x)
         out = None
         for _, h, _, _ in self._blocks(x):
             out = h
@@ -414,6 +420,8 @@ class PromptedCore(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """The readout's pooling (``readout.pool``): (B, T, D) tokens -> (B, D), before the readout norm."""
+        if self.family.owns_forward:
+            return self.family.pool(self, x)
         order = self.output_order
         n = self.num_prefix_tokens
         N = x.shape[1] - sum(self._lengths(0)[ch] for ch in order if ch != "X")
@@ -574,7 +582,8 @@ def _backbone_data_config(backbone: nn.Module) -> dict:
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(backbone)
-    return {"input_size": (3, *backbone.patch_embed.img_size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+    return {"input_size": family_for(backbone).input_size(backbone), "mean": tuple(cfg["mean"]),
+            "std": tuple(cfg["std"])}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:

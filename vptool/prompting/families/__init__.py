@@ -82,6 +82,46 @@ class Family:
         """The backbone's final norm (``norm``, or ``fc_norm`` where ``norm`` is an Identity)."""
         return backbone.norm if not isinstance(backbone.norm, nn.Identity) else backbone.fc_norm
 
+    # ---------------------------------------------------------------------------------------------------------
+    # Families that own their forward (ConvNets, ``convnet.py``: no token sequence). ``PromptedCore`` asks these;
+    # the defaults are the token-sequence families' (ViT, BEiT) and keep their behaviour unchanged.
+    # ---------------------------------------------------------------------------------------------------------
+    #: True: ``PromptedCore`` hands ``build_prompts``, ``forward_features`` and ``pool`` to the family.
+    owns_forward = False
+
+    def width(self, backbone: nn.Module) -> int:
+        """D, the width of the pooled features the head reads (ViT, BEiT: ``embed_dim``)."""
+        return backbone.embed_dim
+
+    def depth(self, backbone: nn.Module) -> int:
+        """L, the blocks prompts, gates and temperatures are counted over (ViT, BEiT: ``len(blocks)``)."""
+        return len(backbone.blocks)
+
+    def input_size(self, backbone: nn.Module) -> tuple[int, int, int]:
+        """(3, H, W), the image size the backbone was built for (ViT, BEiT: ``patch_embed.img_size``)."""
+        return (3, *backbone.patch_embed.img_size)
+
+    def config_problem(self, config, mode) -> str | None:
+        """Why this family cannot build ``config`` (a ``ModelConfig``) with prompt mode unit ``mode``, as one
+        line naming the recipe key, or None. ViT, BEiT: only ``prompt.location: prepend`` is built."""
+        if config.prompt_location != "prepend" and mode.has_prompts:
+            return f"prompt.location: {config.prompt_location!r} is not built yet for this backbone; use prepend"
+        return None
+
+    def build_prompts(self, model: nn.Module, config, values: torch.Tensor | None,
+                      generator: torch.Generator | None) -> nn.Module:
+        """The prompt module of an ``owns_forward`` family (``model.prompts``; its tensors are the adapter's
+        ``prompts.*``)."""
+        raise NotImplementedError
+
+    def forward_features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An ``owns_forward`` family's ``PromptedCore.forward_features``: (B, 3, H, W) -> its features."""
+        raise NotImplementedError
+
+    def pool(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An ``owns_forward`` family's ``PromptedCore.pool``: ``forward_features``' output -> (B, D)."""
+        raise NotImplementedError
+
 
 @functools.cache
 def _families() -> tuple[tuple[type, Family, Callable[[nn.Module], str | None]], ...]:
