@@ -32,6 +32,7 @@ from vptool.engine.runtime import autocast, autocast_dtype, resolve_device, seed
 from vptool.errors import UserError
 from vptool.paths import check_new_file
 from vptool.progress import Progress
+from vptool.prompting.families import family_for
 from vptool.prompting.kmeans import StreamingKMeans
 from vptool.prompting.model import PromptedViT
 from vptool.prompting.modes import mode_for
@@ -210,6 +211,9 @@ def _init_inputs(recipe: Recipe, spec: InitSpec, backbone: torch.nn.Module | Non
         b = recipe.backbone
         seed_everything(recipe.seed)  # a random-weight backbone is rebuilt exactly as train builds it
         backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
+    if family_for(backbone).owns_forward:  # ConvNets: pixel prompts, no tokens to cluster
+        raise UserError(f"prompt.init: {spec.strategy} (SPT) builds prompts from the backbone's tokens; "
+                        f"{recipe.backbone.name!r} has no token sequence; use xavier")
     transform = init_transform(recipe, spec)
     # eval: the deterministic eval transform on the training split; train: the training augmentation (official SPT)
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=transform == "eval")

@@ -148,6 +148,9 @@ def open_target(path: str | Path, prompts_file: str | Path | None = None, sets: 
     else:
         raise UserError(f"{p}: not found, or neither a run directory nor a .yaml recipe; pass runs/NAME or "
                         "recipes/NAME.yaml")
+    if setup.model.family.owns_forward:  # ConvNets: pixel prompts, no tokens to measure
+        raise UserError(f"backbone.name: {recipe.backbone.name!r} has no token sequence; the NMI probe (SPT eq. 7-8) "
+                        "needs prompt and patch tokens (a ViT or BEiT backbone)")
     if prompts_file is not None:
         _use_prompt_file(setup, Path(prompts_file))
         what = f"file: {prompts_file}"

@@ -21,8 +21,9 @@ paper's xavier sentence in A.1 is about token prompts; it gives no rule for pixe
 Choices: ``prompt.location: pad`` must be given (a ConvNet has no sequence to ``prepend`` to; the saved config then
 says what the model does); ``concat-channel`` (the official ``below``: extra input channels and a widened first
 conv, which the official code also trains) is not built. Everything that needs tokens is refused in one line naming
-its key: deep and gated prompts, ``prompt.blocks``, a [MASK] token, ``tokens.order``, readout pools other than
-``avg``, readout norms other than ``pretrained``, a learnable temperature, SPT inits and prompt dropout.
+its key: deep and gated prompts, ``prompt.blocks``, a [MASK] token, readout pools other than
+``avg``, readout norms other than ``pretrained``, a token order other than the default (which the saved config
+records), a learnable temperature, SPT inits and prompt dropout.
 
 Shapes: B images, H, W the input size (``data_config``), p pixels of padding per side, D = ``head_hidden_size``.
 """
@@ -34,6 +35,7 @@ from torch import nn
 
 from vptool.errors import UserError
 from vptool.prompting.families import Family, FamilySpec
+from vptool.prompting.layout import default_order
 from vptool.prompting.modes.base import PromptModeUnit
 
 #: the pretraining vptool gives a timm ConvNet (both families); its readout is timm's pooled features.
@@ -141,7 +143,8 @@ class ConvNetOps(Family):
              f"pad (learnable pixels padded around the image, {SOURCE})"),
             (c.prompt_blocks is not None, f"prompt.blocks: {t} has no blocks to choose; drop prompt.blocks"),
             (c.mask_token != "none", f"tokens.mask: {c.mask_token!r} needs a token sequence, {t} has none; use none"),
-            (c.token_order is not None, f"tokens.order: {t} has no token rows to order; drop tokens.order"),
+            (c.token_order not in (None, default_order(prompts, False)),
+             f"tokens.order: {c.token_order!r}: {t} has no token rows to order; drop tokens.order"),
             (c.readout_pool != "avg", f"readout.pool: {c.readout_pool!r}: {t} reads timm's own pooled features; "
                                       "use avg (or auto)"),
             (c.readout_norm != "pretrained", f"readout.norm: {c.readout_norm!r}: {t} reads timm's own pooled "
