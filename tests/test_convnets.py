@@ -148,6 +148,31 @@ def test_adapter_round_trip(convnet, images, tmp_path):
     assert again.config == model.config
 
 
+def test_a_timm_file_with_its_classifier_loads_strictly(convnet, tmp_path, images):
+    """A checkpoint in timm's layout with the pretraining classifier (ResNet ``fc.*``, ConvNeXt ``head.fc.*``), as
+    the Hub files the paper recipes name: the classifier is ignored, everything else must match."""
+    import timm
+    from safetensors.torch import save_file
+
+    kind, _, _ = convnet
+    name, kwargs = TINY[kind]
+    torch.manual_seed(5)
+    full = timm.create_model(name, pretrained=False, num_classes=7, **kwargs).eval()
+    sd = {k: v.contiguous() for k, v in full.state_dict().items()}
+    assert any(k.startswith(("fc.", "head.fc.")) for k in sd)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    bb, info = build_backbone(name, pretrained=False, checkpoint=str(tmp_path / "w.safetensors"),
+                              kwargs={**kwargs, **OVERLAY})
+    assert info.format == "timm"
+    with torch.no_grad():
+        torch.testing.assert_close(timm_features(bb, images), full.forward_head(full.forward_features(images),
+                                                                                 pre_logits=True))
+    del sd[next(k for k in sd if not k.startswith(("fc.", "head.")))]  # the stem: a real mismatch
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(UserError, match="missing from the file"):
+        build_backbone(name, pretrained=False, checkpoint=str(tmp_path / "bad.safetensors"), kwargs=kwargs)
+
+
 # ----------------------------------------------------------------------------------------------- options
 def test_readout_auto_is_timm_s_pooled_features(convnet):
     kind, bb, _ = convnet

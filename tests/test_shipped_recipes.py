@@ -24,6 +24,8 @@ DIGITS = [p for p in RECIPES if "dataset: digits" in p.read_text()]
 PAPER = [p for p in RECIPES if p not in DIGITS]
 
 D_BASE, L_BASE = 768, 12
+#: ConvNet recipes (VPT Table 5): feature dim d (VPT Table 8) and the crop size the pad prompts surround
+CONVNET_D, CROP = {"convnext_base": 1024, "resnet50": 2048}, 224
 
 
 def expected_trainable(r: dict) -> int:
@@ -34,6 +36,9 @@ def expected_trainable(r: dict) -> int:
     and the verbalizer, Linear(D, t) plus K prototypes of width t (eq. 7-9); the [MASK] embedding is pretrained.
     """
     np_, k = r["prompt"]["length"], r["data"]["num_classes"]
+    if r["prompt"].get("location") == "pad":  # VPT §4.4: p pixels per side, (1, 3, 2p, W + 2p) + (1, 3, H, 2p)
+        p, d = np_, CONVNET_D[r["backbone"]["name"].split(".")[0]]
+        return 3 * 2 * p * (CROP + 2 * p) + 3 * CROP * 2 * p + d * k + k
     head = D_BASE * k + k
     method = r["method"]
     if method in ("vpt-shallow", "spt-shallow"):

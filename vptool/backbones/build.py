@@ -81,7 +81,9 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
                 key: str = "backbone.checkpoint", name: str | None = None) -> None:
-    """Load ``sd`` into ``model``; every key must match in name and shape (pretraining heads are ignored).
+    """Load ``sd`` into ``model``; every key must match in name and shape (pretraining heads are ignored: keys
+    under ``head.`` or under the classifier timm's pretrained cfg names, e.g. a ResNet's ``fc.``, that the model,
+    built with ``num_classes=0``, does not have).
 
     Args:
         model: the backbone.
@@ -98,7 +100,9 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
             the file, (1, 1, 768) in the model; 148 shape mismatches: ...; 96 unexpected: ...; check ...``.
     """
     own = model.state_dict()
-    ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES) and k not in own]
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")  # timm's name of it: head, head.fc, fc
+    prefixes = IGNORED_PREFIXES + ((f"{classifier}.",) if isinstance(classifier, str) and classifier else ())
+    ignored = [k for k in sd if k.startswith(prefixes) and k not in own]
     sd = {k: v for k, v in sd.items() if k not in ignored}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
