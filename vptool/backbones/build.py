@@ -2,7 +2,8 @@
 
 A backbone is any timm ``VisionTransformer`` whose blocks are timm's standard pre-norm ``Block`` with the
 standard ``Attention``, or a timm ``Beit`` (BEiT v1/v2: relative position bias, layer scale) with its own
-``Block``/``Attention`` (the prompted forward in ``vptool.prompting`` reuses those modules' weights). It is named
+``Block``/``Attention`` (the prompted forward in ``vptool.prompting`` reuses those modules' weights), or a timm
+``ConvNeXt`` / ``ResNet`` (pad prompts, VPT Table 5; ``vptool.prompting.families.convnext``). It is named
 either by an embedded name (``vit_digits_mae``, see ``embedded.py``) or by any timm model name, with
 constructor kwargs so tests can build tiny configurations.
 
@@ -134,7 +135,8 @@ def check_supported(model: nn.Module, name: str) -> None:
 
     Supported: a timm ``VisionTransformer`` whose blocks are all the standard ``Block`` with ``Attention`` (CLS
     and any register tokens as prefix tokens), or a timm ``Beit`` whose blocks are all ``timm.models.beit.Block``
-    with ``timm.models.beit.Attention`` (shared or per-block relative position bias). EVA, Swin and every other
+    with ``timm.models.beit.Attention`` (shared or per-block relative position bias), or a timm ``ConvNeXt`` or
+    ``ResNet`` with a global pool (pad prompts). EVA, Swin and every other
     class are refused.
 
     Raises:

@@ -17,7 +17,13 @@ name        timm class                                  ops file
 ==========  =========================================  ==========================================================
 ``vit``     ``VisionTransformer`` (standard ``Block``)  ``vit.py``: supervised, MAE, MoCo v3, DINOv2 (+registers)
 ``beit``    ``Beit``                                    ``beit.py``: BEiT v1/v2, shared or per-block position bias
+``convnext`` ``ConvNeXt``                               ``convnext.py``: pad prompts (VPT Table 5), no tokens
+``resnet``  ``ResNet``                                  ``resnet.py``: pad prompts, as ``convnext.py``
 ==========  =========================================  ==========================================================
+
+The ConvNet families own their forward (``Family.owns_forward``): there is no token sequence, so ``PromptedCore``
+hands them the prompt module, ``forward_features`` and ``pool`` (the hooks at the end of ``Family``, whose defaults
+are the token families' and leave ViT and BEiT unchanged).
 
 Besides its ops, a family file holds everything else that is specific to the family, as one ``FamilySpec`` named
 ``FAMILY`` at its end: the timm class, its checkpoint formats (``CheckpointFormat``: converter, detection rule,
@@ -138,8 +144,8 @@ KNOWN_UNSUPPORTED = {
 }
 
 SUPPORTED_TEXT = ("vptool prompts timm VisionTransformer models with standard pre-norm blocks (e.g. "
-                  "vit_base_patch16_224, vit_small_patch14_reg4_dinov2) and timm BEiT models (e.g. "
-                  "beitv2_base_patch16_224)")
+                  "vit_base_patch16_224, vit_small_patch14_reg4_dinov2), timm BEiT models (e.g. "
+                  "beitv2_base_patch16_224) and, with pad prompts, timm ConvNeXt and ResNet models")
 
 
 def family_for(backbone: nn.Module, name: str | None = None) -> Family:
