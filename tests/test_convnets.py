@@ -207,6 +207,13 @@ def test_what_needs_tokens_is_refused_in_one_line_naming_the_key(convnet, option
     assert msg.startswith(f"{key}:") and "\n" not in msg, msg
 
 
+def test_a_convnet_without_a_global_pool_is_refused(convnet):
+    kind, _, _ = convnet
+    name, kwargs = TINY[kind]
+    with pytest.raises(UserError, match=f"backbone.name: '{name}' has no global pool"):
+        build_backbone(name, pretrained=False, kwargs={**kwargs, "global_pool": ""})
+
+
 def test_vit_families_still_refuse_pad(convnet):
     from conftest import TINY_KWARGS, TINY_NAME
 
