@@ -71,7 +71,9 @@ class PromptedCore(nn.Module):
     temperature, a readout and a head.
 
     Args:
-        backbone: frozen timm ``VisionTransformer`` or ``Beit`` (see ``vptool.backbones.build_backbone``).
+        backbone: frozen timm ``VisionTransformer`` or ``Beit`` (see ``vptool.backbones.build_backbone``), or a
+            timm ``ConvNeXt``/``ResNet``, whose family owns the forward (``Family.owns_forward``: pad prompts, VPT
+            Table 5; ``forward_features`` then returns its feature map and ``pool`` timm's pooled features).
         config: the options (``vptool.config.ModelConfig``: prompt mode and length, readout, head, tune, ...,
             each documented there), with ``num_classes`` K. The keyword form is the same options as keywords:
             ``PromptedViT(backbone, K, "deep", 10, readout_pool="avg")`` equals
