@@ -246,3 +246,16 @@ def test_digits_recipe_trains_evaluates_and_exports(kind, tmp_path):
     x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(torch.export.load(str(out)).module()(x), model(x), atol=1e-4, rtol=0)
+
+
+def test_cli_resolves_auto_readout_and_refuses_prepend_in_one_line(tmp_path):
+    recipe = str(ROOT / "recipes" / "vpt_convnext_digits.yaml")
+    res = invoke_cli("train", recipe, "--dry-run", "--json", "--set", "readout.pool=auto", "--set",
+                     "readout.norm=auto", cwd=tmp_path)
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["recipe"]["readout"] == {"pool": "avg", "norm": "pretrained"}
+    assert plan["trainable_params"] == 3 * 2 * 3 * (SIZE + 6) + 3 * SIZE * 2 * 3 + 128 * 10 + 10  # p = 3, D = 128
+    res = invoke_cli("train", recipe, "--dry-run", "--set", "prompt.location=prepend", cwd=tmp_path)
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "prompt.location: 'prepend'" in res.stderr
