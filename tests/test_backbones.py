@@ -258,7 +258,7 @@ def test_unknown_model_name(name, suggestion):
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("resnet18", {}),
+    ("efficientnet_b0", {}),  # a ConvNet without an ops file (ResNet and ConvNeXt have one: test_convnets)
     # a timm ViT with attention pooling (global_pool='map') instead of a CLS/avg readout
     ("vit_base_patch16_siglip_224", TINY),
 ])

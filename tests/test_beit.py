@@ -285,7 +285,7 @@ def test_check_supported_refuses_a_modified_beit_block():
 @pytest.mark.parametrize("name,kwargs", [
     ("swinv2_tiny_window8_256",  # Swin V1 is a family (test_swin.py); V2 is not
      dict(img_size=32, patch_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4)),
-    ("resnet18", {}),
+    ("efficientnet_b0", {}),
 ])
 def test_other_architectures_still_refused(name, kwargs):
     with pytest.raises(UserError) as exc:

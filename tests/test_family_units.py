@@ -151,9 +151,10 @@ def test_the_family_files_own_today_s_formats_and_pretrainings():
     _, table = _table()
     by_family = {spec.name: [f.name for f in spec.formats] for spec in table}
     assert by_family == {"vit": ["timm", "mae", "mocov3", "mocov3-linear", "jax-npz"], "beit": ["beitv2-pretrain"],
-                         "swin": ["swin-microsoft"]}
+                         "swin": ["swin-microsoft"], "convnext": [], "resnet": []}  # ConvNets: timm format
     assert {spec.name: spec.pretrainings for spec in table} == {"vit": ("supervised", "mae", "mocov3"),
-                                                                "beit": ("beit",), "swin": ()}
+                                                                "beit": ("beit",), "swin": (),
+                                                                "convnext": ("convnet",), "resnet": ()}
 
 
 def test_format_names_are_unique_and_detection_ranks_distinct():

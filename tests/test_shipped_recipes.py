@@ -27,6 +27,8 @@ D_BASE, L_BASE = 768, 12
 #: width D and blocks L of the larger backbones the scale recipes name (VPT Fig. 4, SPT §4.3; ViT paper Table 1)
 WIDTH_DEPTH = {"vit_large_patch16": (1024, 24), "vit_huge_patch14": (1280, 32)}
 SWIN_B_D = 1024
+#: ConvNet recipes (VPT Table 5): feature dim d (VPT Table 8) and the crop size the pad prompts surround
+CONVNET_D, CROP = {"convnext_base": 1024, "resnet50": 2048}, 224
 
 
 def expected_trainable(r: dict) -> int:
@@ -38,6 +40,9 @@ def expected_trainable(r: dict) -> int:
     and the verbalizer, Linear(D, t) plus K prototypes of width t (eq. 7-9); the [MASK] embedding is pretrained.
     """
     np_, k = r["prompt"]["length"], r["data"]["num_classes"]
+    if r["prompt"].get("location") == "pad":  # VPT §4.4: p pixels per side, (1, 3, 2p, W + 2p) + (1, 3, H, 2p)
+        p, d = np_, CONVNET_D[r["backbone"]["name"].split(".")[0]]
+        return 3 * 2 * p * (CROP + 2 * p) + 3 * CROP * 2 * p + d * k + k
     D, L = next((dl for pre, dl in WIDTH_DEPTH.items() if r["backbone"]["name"].startswith(pre)),
                 (D_BASE, L_BASE))
     head = D * k + k

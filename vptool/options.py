@@ -44,7 +44,7 @@ FeatureCache = Literal["auto", "off"]
 #: the backbone families, each one file ``vptool/prompting/families/<name>.py``, with the checkpoint formats it
 #: converts (register a new family here: one line; ``vptool.prompting.families``)
 BACKBONE_FAMILIES = {"vit": ("timm", "mae", "mocov3", "mocov3-linear", "jax-npz"), "beit": ("beitv2-pretrain",),
-                     "swin": ("swin-microsoft",)}
+                     "swin": ("swin-microsoft",), "convnext": (), "resnet": ()}
 BackboneFormat = Literal[("auto", *(f for formats in BACKBONE_FAMILIES.values() for f in formats))]
 #: Swin: what patch merging does with the prompt rows (VPT §4.2): drop (the paper: prompts are ignored by merging) |
 #: official (the official code: tiled 4x through the merging's norm and reduction)

@@ -2,7 +2,8 @@
 
 A backbone is any timm ``VisionTransformer`` whose blocks are timm's standard pre-norm ``Block`` with the
 standard ``Attention``, or a timm ``Beit`` (BEiT v1/v2: relative position bias, layer scale) with its own
-``Block``/``Attention`` (the prompted forward in ``vptool.prompting`` reuses those modules' weights). It is named
+``Block``/``Attention`` (the prompted forward in ``vptool.prompting`` reuses those modules' weights), or a timm
+``ConvNeXt`` / ``ResNet`` (pad prompts, VPT Table 5; ``vptool.prompting.families.convnext``). It is named
 either by an embedded name (``vit_digits_mae``, see ``embedded.py``) or by any timm model name, with
 constructor kwargs so tests can build tiny configurations.
 
@@ -81,7 +82,9 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
                 key: str = "backbone.checkpoint", name: str | None = None) -> None:
-    """Load ``sd`` into ``model``; every key must match in name and shape (pretraining heads are ignored).
+    """Load ``sd`` into ``model``; every key must match in name and shape (pretraining heads are ignored: keys
+    under ``head.`` or under the classifier timm's pretrained cfg names, e.g. a ResNet's ``fc.``, that the model,
+    built with ``num_classes=0``, does not have).
 
     Args:
         model: the backbone.
@@ -98,7 +101,9 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
             the file, (1, 1, 768) in the model; 148 shape mismatches: ...; 96 unexpected: ...; check ...``.
     """
     own = model.state_dict()
-    ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES) and k not in own]
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")  # timm's name of it: head, head.fc, fc
+    prefixes = IGNORED_PREFIXES + ((f"{classifier}.",) if isinstance(classifier, str) and classifier else ())
+    ignored = [k for k in sd if k.startswith(prefixes) and k not in own]
     sd = {k: v for k, v in sd.items() if k not in ignored}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -130,9 +135,9 @@ def check_supported(model: nn.Module, name: str) -> None:
 
     Supported: a timm ``VisionTransformer`` whose blocks are all the standard ``Block`` with ``Attention`` (CLS
     and any register tokens as prefix tokens), or a timm ``Beit`` whose blocks are all ``timm.models.beit.Block``
-    with ``timm.models.beit.Attention`` (shared or per-block relative position bias), or a timm ``SwinTransformer``
-    whose blocks are ``SwinTransformerBlock`` with ``WindowAttention``. EVA, Swin V2 and every other class are
-    refused.
+    with ``timm.models.beit.Attention`` (shared or per-block relative position bias), a timm ``SwinTransformer``
+    whose blocks are ``SwinTransformerBlock`` with ``WindowAttention``, or a timm ``ConvNeXt`` or ``ResNet`` with a
+    global pool (pad prompts). EVA, Swin V2 and every other class are refused.
 
     Raises:
         UserError: one line naming ``backbone.name``, why, and what is supported.
@@ -197,7 +202,7 @@ def _data_config(model: nn.Module, fmt: str | None) -> dict:
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(model)
-    cfg["input_size"] = (3, *model.patch_embed.img_size)  # the size the model was built for
+    cfg["input_size"] = family_for(model).input_size(model)  # the size the model was built for
     if fmt in FORMAT_NORMALIZATION:
         mean, std = FORMAT_NORMALIZATION[fmt]
         if tuple(cfg.get("mean", ())) != tuple(mean) or tuple(cfg.get("std", ())) != tuple(std):

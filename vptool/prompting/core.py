@@ -77,8 +77,9 @@ class PromptedCore(nn.Module):
     head reads (Swin's last stage) and L the blocks over every stage.
 
     Args:
-        backbone: frozen timm ``VisionTransformer``, ``Beit`` or ``SwinTransformer`` (see
-            ``vptool.backbones.build_backbone``).
+        backbone: frozen timm ``VisionTransformer`` or ``Beit`` (see ``vptool.backbones.build_backbone``), or a
+            timm ``SwinTransformer``, ``ConvNeXt`` or ``ResNet``, whose family owns the forward
+            (``Family.owns_forward``: prompts in every window, VPT Table 2; pad prompts, Table 5).
         config: the options (``vptool.config.ModelConfig``: prompt mode and length, readout, head, tune, ...,
             each documented there), with ``num_classes`` K. The keyword form is the same options as keywords:
             ``PromptedViT(backbone, K, "deep", 10, readout_pool="avg")`` equals
@@ -375,7 +376,7 @@ class PromptedCore(nn.Module):
         Output Shape:
             (B, T, D), rows in ``self.output_order`` (``self.slices`` gives each letter's rows): prefix tokens,
             patch tokens, prompt rows (shallow/gated, or deep with ``avg_all``) and the [MASK] row. A family that
-            owns its forward (Swin) returns its own rows (``Family.forward_features``).
+            owns its forward (Swin, ConvNets) returns its own rows or feature map (``Family.forward_features``).
         """
         if self.family.owns_forward:
             return self.family.forward_features(self, x)
@@ -621,7 +622,8 @@ def _backbone_data_config(backbone: nn.Module) -> dict:
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(backbone)
-    return {"input_size": (3, *backbone.patch_embed.img_size), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+    return {"input_size": family_for(backbone).input_size(backbone), "mean": tuple(cfg["mean"]),
+            "std": tuple(cfg["std"])}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:

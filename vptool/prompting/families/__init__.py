@@ -19,7 +19,13 @@ name        timm class                                  ops file
 ``beit``    ``Beit``                                    ``beit.py``: BEiT v1/v2, shared or per-block position bias
 ``swin``    ``SwinTransformer``                         ``swin.py``: prompts inside every window (VPT Table 2); owns
                                                        its forward (hierarchical stages, ``Family.owns_forward``)
+``convnext`` ``ConvNeXt``                               ``convnext.py``: pad prompts (VPT Table 5), no tokens
+``resnet``  ``ResNet``                                  ``resnet.py``: pad prompts, as ``convnext.py``
 ==========  =========================================  ==========================================================
+
+The ConvNet families own their forward (``Family.owns_forward``): there is no token sequence, so ``PromptedCore``
+hands them the prompt module, ``forward_features`` and ``pool`` (the hooks at the end of ``Family``, whose defaults
+are the token families' and leave ViT and BEiT unchanged).
 
 Besides its ops, a family file holds everything else that is specific to the family, as one ``FamilySpec`` named
 ``FAMILY`` at its end: the timm class, its checkpoint formats (``CheckpointFormat``: converter, detection rule,
@@ -133,6 +139,10 @@ class Family:
 
     def norm_pooled(self, model, z: torch.Tensor) -> torch.Tensor:
         """(B, D) pooled -> (B, D) head input (``PromptedCore.norm_pooled``)."""
+
+    def input_size(self, backbone: nn.Module) -> tuple[int, int, int]:
+        """(3, H, W), the image size the backbone was built for (ViT, BEiT: ``patch_embed.img_size``)."""
+        return (3, *backbone.patch_embed.img_size)
         raise NotImplementedError
 
 
@@ -152,7 +162,8 @@ KNOWN_UNSUPPORTED = {
 
 SUPPORTED_TEXT = ("vptool prompts timm VisionTransformer models with standard pre-norm blocks (e.g. "
                   "vit_base_patch16_224, vit_small_patch14_reg4_dinov2), timm BEiT models (e.g. "
-                  "beitv2_base_patch16_224) and timm Swin models (e.g. swin_base_patch4_window7_224)")
+                  "beitv2_base_patch16_224), timm Swin models (e.g. swin_base_patch4_window7_224) and, with pad "
+                  "prompts, timm ConvNeXt and ResNet models")
 
 
 def family_for(backbone: nn.Module, name: str | None = None) -> Family:
