@@ -129,9 +129,6 @@ class PromptedCore(nn.Module):
             raise UserError("readout.pool: 'cls' needs a backbone with a class token; use avg")
         self.backbone = backbone
         self.family = family_for(backbone)  # the backbone family's ops: embedding, block forward, position bias
-        least = mode_for(c.prompt_mode).min_length
-        if c.prompt_length < least:
-            raise ValueError(f"prompt_length={c.prompt_length} must be >= {least} for prompt_mode {c.prompt_mode!r}")
         # the prompt mode's unit: shapes, names, how it runs each block; prompt.length 0 is no prompt tokens (VPTM
         # Fig. 7's verbalizer-only point), whatever the mode
         self.mode = mode_for(c.prompt_mode if c.prompt_length > 0 else "none")
@@ -144,15 +141,7 @@ class PromptedCore(nn.Module):
         # D the head's width, L the blocks (a hierarchical family: over every stage; Family.sizes)
         D, L, self.num_prefix_tokens = self.family.sizes(backbone)
         self.num_features = D
-        if self.family.owns_forward:  # a family with its own prompted forward refuses what it cannot run (Swin)
-            self.family.check_config(backbone, c)
-        else:
-            problem = self.location.problem(c, self.family.name)
-            if problem:
-                raise UserError(problem)
-        if c.readout_pool == "prompt" and not self.mode.has_prompts:
-            raise UserError("readout.pool: 'prompt' pools the prompt tokens; prompt.mode none has none; use cls or "
-                            "avg")
+        self._refuse_what_cannot_run(c)
         # block index -> its prompt set (prompt.blocks, VPT Fig. 7): every block for deep, block 0 for shallow
         self.prompt_set_at = {b: j for j, b in enumerate(self.mode.sets(L, c.prompt_blocks))}
         self.prompts = self._build_prompts(c, prompt_values, generator)
@@ -182,6 +171,21 @@ class PromptedCore(nn.Module):
         self.adapter_info: dict = {}  # provenance for the model card: method, dataset, metrics, recipe
         self.loaded_from = None  # the folder vptool.load read this model from (save_pretrained never writes there)
         self._data_config = _backbone_data_config(backbone)
+
+    def _refuse_what_cannot_run(self, c: ModelConfig) -> None:
+        """Raise on options this mode, location and backbone family cannot run together (one line each)."""
+        least = mode_for(c.prompt_mode).min_length
+        if c.prompt_length < least:
+            raise ValueError(f"prompt_length={c.prompt_length} must be >= {least} for prompt_mode {c.prompt_mode!r}")
+        if self.family.owns_forward:  # a family with its own prompted forward refuses what it cannot run (Swin)
+            self.family.check_config(self.backbone, c)
+        else:
+            problem = self.location.problem(c, self.family.name)
+            if problem:
+                raise UserError(problem)
+        if c.readout_pool == "prompt" and not self.mode.has_prompts:
+            raise UserError("readout.pool: 'prompt' pools the prompt tokens; prompt.mode none has none; use cls or "
+                            "avg")
 
     @property
     def options(self) -> dict:
