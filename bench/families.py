@@ -35,6 +35,8 @@ from vptool.config import ModelConfig
 from vptool.hardware import cpu_flags
 from vptool.prompting.model import PromptedViT
 
+SMALL = {"input_size": (3, 32, 32)}  # --quick: the pad prompts' image size (timm's data config) for a ConvNet
+
 #: family -> (timm name, size kwargs for --quick, the VPT variant the paper reports on it, as ModelConfig options)
 FAMILIES = {
     "vit": ("vit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
@@ -42,9 +44,9 @@ FAMILIES = {
     "swin": ("swin_base_patch4_window7_224",
              dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2)),
              dict(prompt_mode="deep", prompt_length=10, readout_pool="avg")),
-    "convnext": ("convnext_base", dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)),
+    "convnext": ("convnext_base", dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), pretrained_cfg_overlay=SMALL),
                  dict(prompt_mode="shallow", prompt_length=5, prompt_location="pad", readout_pool="avg")),
-    "resnet": ("resnet50", dict(layers=(1, 1, 1, 1)),
+    "resnet": ("resnet50", dict(layers=(1, 1, 1, 1), pretrained_cfg_overlay=SMALL),
                dict(prompt_mode="shallow", prompt_length=5, prompt_location="pad", readout_pool="avg")),
 }
 
@@ -97,7 +99,7 @@ def timed(fn, device: torch.device) -> float:
 
 def bench_family(family: str, args, device: torch.device) -> dict:
     prompted, probe = build(family, args.quick, args.num_classes, device)
-    size = 32 if args.quick else 224
+    size = prompted.data_config["input_size"][-1]  # the size the backbone (and its pad prompts) was built for
     g = torch.Generator().manual_seed(2)
     x = torch.randn(args.batch, 3, size, size, generator=g).to(device)
     y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(device)
