@@ -218,7 +218,8 @@ def test_a_convnet_without_a_global_pool_is_refused(convnet):
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_digits_recipe_trains_evaluates_and_exports(kind, tmp_path):
     """The shipped digits recipe end to end (measured on this CPU: ConvNeXt 94.7 %, ResNet 95.8 % test top-1),
-    then ``vptool export`` to torch.export, whose graph is run here on the test images."""
+    then ``vptool export`` to ONNX (export's own check against the model) and to torch.export, whose graph is
+    run here on the test images."""
     stem = f"vpt_{kind}_digits"
     res = invoke_cli("train", str(ROOT / "recipes" / f"{stem}.yaml"), "--json", "--set", f"output.dir={tmp_path}")
     assert res.exit_code == 0, res.output
@@ -227,6 +228,8 @@ def test_digits_recipe_trains_evaluates_and_exports(kind, tmp_path):
     run = tmp_path / stem
     ev = invoke_cli("eval", str(run), "--json")
     assert ev.exit_code == 0 and json.loads(ev.stdout)["top1"] == summary["test_top1"], ev.output
+    ex = invoke_cli("export", str(run), "--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--json")
+    assert ex.exit_code == 0 and json.loads(ex.stdout)["argmax_equal"], ex.output
     out = tmp_path / "m.pt2"
     ex = invoke_cli("export", str(run), "--format", "pt2", "-o", str(out), "--json")
     assert ex.exit_code == 0, ex.output
