@@ -166,7 +166,9 @@ VARIANT_EPOCHS = 10
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,min_top1", [("quickstart_gatevpt.yaml", 95.0), ("quickstart_vptm.yaml", 95.0),
-                                                    ("vptm_verbalizer_only_digits.yaml", 90.0)])
+                                                    ("vptm_verbalizer_only_digits.yaml", 90.0),
+                                                    ("vpt_blocks_top_digits.yaml", 90.0),
+                                                    ("vpt_prompt_pool_digits.yaml", 90.0)])
 def test_digits_variants_train_end_to_end(name, min_top1, tmp_path):
     res = invoke_cli("train", str(ROOT / "recipes" / name), "--json", "--set", f"output.dir={tmp_path}", "--set",
                      f"train.epochs={VARIANT_EPOCHS}")
@@ -186,8 +188,11 @@ def test_digits_variants_train_end_to_end(name, min_top1, tmp_path):
         assert result["selection_ratio"] == summary["selection_ratio"]
         text = invoke_cli("eval", str(run))
         assert "selection ratio" in text.stdout and text.exit_code == 0
-    else:
+    elif "vptm" in name:
         assert summary["mask_token"] == "learned" == result["mask_token"]  # MAE backbone: no pretrained [MASK]
+    else:  # vit_digits_mae: D = 128, K = 10; sets of Np = 10 in blocks 4-6 only (Fig. 7), or one shallow set
+        sets = 3 if "blocks" in name else 1
+        assert summary["trainable_params"] == sets * 10 * 128 + 128 * 10 + 10
 
 
 @pytest.mark.slow

@@ -284,9 +284,17 @@ def test_train_then_export_a_swin_run(tmp_path):
     summary = json.loads(res.stdout)
     run = tmp_path / "runs" / "tiny"
     assert summary["test_top1"] > 20.0  # one epoch, 10 classes
-    for fmt, out in (("adapter", "ad"), ("onnx", "m.onnx"), ("pt2", "m.pt2"), ("torchscript", "m.pt")):
+    for fmt, out in (("adapter", "ad"), ("onnx", "m.onnx"), ("pt2", "m.pt2")):
         ex = invoke_cli("export", str(run), "--format", fmt, "-o", str(tmp_path / out), "--json")
         assert ex.exit_code == 0, ex.output
+    # TorchScript in a process of its own: torch.jit.trace of this model once crashed (SIGSEGV) inside a long
+    # pytest process that had run torch.compile tests before it, never in a fresh one
+    import subprocess
+    import sys
+
+    ts = subprocess.run([sys.executable, "-m", "vptool", "export", str(run), "--format", "torchscript", "-o",
+                         str(tmp_path / "m.pt"), "--json"], capture_output=True, text=True, timeout=600)
+    assert ts.returncode == 0, ts.stderr
 
 
 @pytest.mark.slow

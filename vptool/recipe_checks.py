@@ -9,7 +9,6 @@ from __future__ import annotations
 from vptool.backbones.kwargs import backbone_kwargs_problems, short_repr
 from vptool.data.catalog import dataset_problem, expected_classes
 from vptool.prompting.layout import order_problem
-from vptool.prompting.modes import mode_for
 
 
 def cross_field_problems(r) -> list[str]:
@@ -54,7 +53,11 @@ def _option_problems(r) -> list[str]:
     if not has_prompts(r) and r.prompt.init in ("file", "kmeans", "mean-pool", "max-pool", "random"):
         e.append(f"prompt.init: {r.prompt.init!r} but {none} (no prompts); set prompt.mode and prompt.length, or "
                  "use prompt.init: zeros")
-    least = mode_for(r.prompt.mode).min_length
+    least = 0
+    if r.prompt.length == 0 and r.prompt.mode != "none":  # asks the mode's unit (imports torch: length 0 only)
+        from vptool.prompting.modes import mode_for
+
+        least = mode_for(r.prompt.mode).min_length
     if 0 <= r.prompt.length < least:
         e.append(f"prompt.length: {r.prompt.length} but prompt.mode {r.prompt.mode} needs at least {least} prompt "
                  f"token(s); set prompt.length >= {least}")
