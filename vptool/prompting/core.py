@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from vptool.config import ModelConfig, choice_fields, field_names
 from vptool.errors import UserError
-from vptool.options import TrainTransform, check_choice
+from vptool.prompting.adapter_state import AdapterState, check_finite
+from vptool.prompting.face import TimmFace, backbone_data_config, format_parameter_summary
 from vptool.prompting.families import family_for
 from vptool.prompting.heads import build_head
 from vptool.prompting.init import init_prompts, load_prompt_file
@@ -69,7 +69,7 @@ POSITIONAL_OPTIONS = ("prompt_mode", "prompt_length", "prompt_init", "prompt_fil
                       "prompt_trainable", "readout_pool", "readout_norm", "tune", "deep_form", "generator")
 
 
-class PromptedCore(nn.Module):
+class PromptedCore(AdapterState, TimmFace, nn.Module):
     """The prompted model without its library face (``vptool.prompting.model.PromptedViT`` adds ``predict``,
     ``save_pretrained``, ``from_pretrained``): a frozen timm ViT/BEiT with prompts, optional [MASK] token,
     temperature, a readout and a head. A family that owns its forward (Swin: prompts inside every window, VPT
@@ -170,7 +170,7 @@ class PromptedCore(nn.Module):
         self.backbone_config: dict | None = None  # how to rebuild the backbone (set by vptool's builders)
         self.adapter_info: dict = {}  # provenance for the model card: method, dataset, metrics, recipe
         self.loaded_from = None  # the folder vptool.load read this model from (save_pretrained never writes there)
-        self._data_config = _backbone_data_config(backbone)
+        self._data_config = backbone_data_config(backbone)
 
     def _refuse_what_cannot_run(self, c: ModelConfig) -> None:
         """Raise on options this mode, location and backbone family cannot run together (one line each)."""
@@ -389,66 +389,6 @@ class PromptedCore(nn.Module):
             out = h
         return out
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
-                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False,
-                              return_prompt_tokens: bool = False):
-        """The outputs of chosen blocks, as timm's ``VisionTransformer.forward_intermediates``.
-
-        Args:
-            x: (B, 3, H, W) images.
-            indices: block indices (0-based; negative counts from the end), or an int n for the last n blocks;
-                None for every block.
-            return_prefix_tokens: also return each block's prefix tokens (CLS, registers), (B, n_prefix, D).
-            norm: apply the backbone's final norm to each intermediate.
-            stop_early: run no block after the last index.
-            output_fmt: ``NCHW`` (patch tokens as (B, D, h, w) with h, w the patch grid) or ``NLC`` ((B, N, D)).
-            intermediates_only: return only the list of intermediates.
-            return_prompt_tokens: vptool's addition: also return the prompt rows after each block, (B, Np, D),
-                i.e. the rows entering the next block (after the gate for gated prompts); None where a block's
-                prompt outputs are not kept (deep prompts in the prefix form: the next block gets its learned set)
-                and without prompts.
-
-        Returns:
-            ``intermediates`` (``intermediates_only``) or ``(final, intermediates)``. Each intermediate is the
-            patch tensor, or a tuple ``(patches, prefix tokens[, prompt tokens])`` with the flags above (prompt
-            tokens last). ``final`` is, unlike timm's normed sequence, what ``forward_head`` consumes: the tokens
-            after the last block run, before any norm (``forward_features`` when every block ran).
-
-        Raises:
-            ValueError: an index outside the blocks or an unknown ``output_fmt``.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt={output_fmt!r} is not one of 'NCHW', 'NLC'")
-        L = self.family.sizes(self.backbone)[1]  # blocks (over every stage: Swin, refused in _blocks)
-        if indices is None:
-            take = list(range(L))
-        elif isinstance(indices, int):
-            take = list(range(L - indices, L))
-        else:
-            take = [i + L if i < 0 else i for i in indices]
-        if not take or min(take) < 0 or max(take) >= L:
-            raise ValueError(f"indices={indices!r} must select blocks among 0..{L - 1}")
-        norm_layer = self.family.final_norm(self.backbone) if norm else None
-        grid = self.location.grid(self) if output_fmt == "NCHW" else None
-        out: list = []
-        h = None
-        for i, h, order, N in self._blocks(x, last=max(take) if stop_early else None):
-            if i not in take:
-                continue
-            y = norm_layer(h) if norm_layer is not None else h
-            sl = self.slices(order, N)
-            patches = y[:, sl["X"]]
-            if grid is not None:
-                patches = patches.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
-            extra = []
-            if return_prefix_tokens:
-                extra.append(y[:, sl["C"]])
-            if return_prompt_tokens:
-                extra.append(y[:, sl["P"]] if "P" in sl else None)
-            out.append(tuple([patches, *extra]) if extra else patches)
-        return out if intermediates_only else (h, out)
-
     @property
     def output_order(self) -> str:
         """Row order of ``forward_features``'s output."""
@@ -496,153 +436,6 @@ class PromptedCore(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, K) logits."""
         return self.forward_head(self.forward_features(x))
-
-    # ------------------------------------------------------------------------------------------- adapter
-    def adapter_modules(self) -> dict[str, nn.Module | nn.Parameter]:
-        """The modules and bare parameters whose tensors form the adapter (walked explicitly, not by name)."""
-        mods: dict[str, nn.Module | nn.Parameter] = {self.head_name: self.get_classifier()}
-        if self.prompts is not None:
-            mods["prompts"] = self.prompts
-        if self.gates is not None:
-            mods["gates"] = self.gates
-        if self.temperature is not None:
-            mods["temperature"] = self.temperature
-        if isinstance(self.mask_token, nn.Parameter):
-            mods["mask_token"] = self.mask_token
-        if self.fc_norm is not None:
-            mods["fc_norm"] = self.fc_norm
-        if self.tune == "all":
-            mods["backbone"] = self.backbone
-        return mods
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """A copy of the tensors the run saves (never the frozen backbone unless ``tune="all"``).
-
-        Names follow the adapter contract: ``prompts.shallow`` (Np, D) or ``prompts.deep`` (L, Np, D) (another
-        ``prompt.location`` has its own ``prompts.*``: ``vptool.prompting.locations``),
-        ``gates.logit`` (L-1,), ``temperature`` (L,), ``mask_token`` (1, D) when learned, ``head.weight`` (K, D),
-        ``head.bias`` (K,) (``head.fc1.*``/``head.fc2.*`` for mlp2), ``verbalizer.proj.weight`` (t, D),
-        ``verbalizer.proj.bias`` (t,), ``verbalizer.prototypes`` (K, t), ``fc_norm.weight``/``fc_norm.bias`` (D,).
-        On Swin deep prompts are one tensor per stage, ``prompts.deep.<s>`` (depth_s, Np, D_s) (``families.swin``).
-        """
-        out = {}
-        for prefix, mod in self.adapter_modules().items():
-            items = mod.state_dict().items() if isinstance(mod, nn.Module) else [("", mod)]
-            for name, t in items:
-                key = f"{prefix}.{name}" if name else prefix
-                out[key] = t.detach().float().cpu().clone().contiguous()  # a snapshot, not a view
-        return out
-
-    def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
-        """Load tensors written by ``adapter_state_dict``; names and shapes must match exactly.
-
-        Raises:
-            UserError: missing, unexpected or mis-shaped tensors (named).
-        """
-        own = self.adapter_state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or shapes:
-            raise UserError(f"{source}: does not match the model built from the recipe "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shapes[:3]})")
-        for prefix, mod in self.adapter_modules().items():
-            if isinstance(mod, nn.Module):
-                sub = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
-                mod.load_state_dict(sub, strict=True)
-            else:
-                with torch.no_grad():
-                    mod.copy_(sd[prefix])
-
-    def save_adapter(self, path: str, metadata: dict[str, str] | None = None) -> None:
-        """Write the adapter tensors to ``path`` atomically (safetensors, metadata ``format: pt``).
-
-        Raises:
-            RunError: a tensor holds NaN or inf (a diverged model is never saved).
-        """
-        from vptool.paths import write_safetensors
-
-        sd = self.adapter_state_dict()
-        check_finite(sd, path)
-        write_safetensors(path, sd, {"format": "pt", **(metadata or {})})
-
-    def load_adapter(self, path: str) -> None:
-        """Read an adapter written by ``save_adapter``.
-
-        Raises:
-            UserError: unreadable file or tensors that do not match this model.
-        """
-        try:
-            sd = load_file(path)
-        except Exception as exc:
-            raise UserError(f"{path}: cannot read adapter ({exc})") from None
-        self.load_adapter_state_dict(sd, source=path)
-
-    # ------------------------------------------------------------------------------------------- library face
-    def set_data_config(self, data_config: dict, eval_transform: str = "vtab") -> None:
-        """Record the input size and normalisation the backbone expects (``input_size``, ``mean``, ``std``) and
-        the protocol (``vtab`` | ``fgvc``, ``data.train_transform``) whose evaluation transform images get.
-
-        Raises:
-            ValueError: an unknown ``eval_transform``.
-        """
-        self.eval_transform = check_choice("eval_transform", eval_transform, TrainTransform)
-        self._data_config = {"input_size": tuple(int(v) for v in data_config["input_size"]),
-                             "mean": tuple(float(v) for v in data_config["mean"]),
-                             "std": tuple(float(v) for v in data_config["std"])}
-
-    @property
-    def data_config(self) -> dict:
-        """The preprocessing this model expects, in timm's ``resolve_model_data_config`` form: ``input_size``
-        (3, H, W) in pixels, ``mean``/``std`` per channel (of [0, 1] pixel values), ``interpolation``
-        (``bilinear``, the resize vptool's transforms use), ``crop_pct`` and ``crop_mode`` (``vtab``: a square
-        resize = ``squash`` at 1.0; ``fgvc``: resize to 256/224 of the size, then a centre crop = 0.875)."""
-        fgvc = self.eval_transform == "fgvc"
-        return {**self._data_config, "interpolation": "bilinear", "crop_pct": 224 / 256 if fgvc else 1.0,
-                "crop_mode": "center" if fgvc else "squash"}
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        """timm's name for the model's config: ``data_config`` plus ``num_classes`` and ``label_names``, so
-        ``timm.data.resolve_model_data_config(model)`` gives this model's real input size, mean and std."""
-        return {**self.data_config, "num_classes": self.num_classes, "label_names": self.class_names}
-
-    # ------------------------------------------------------------------------------------------- summary
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimizer updates (``requires_grad``), in a fixed order."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def parameter_summary(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; ``all`` counts backbone + every added tensor."""
-        trainable = sum(p.numel() for p in self.trainable_parameters())
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
-
-def _backbone_data_config(backbone: nn.Module) -> dict:
-    """``input_size`` (the size the backbone was built for), ``mean`` and ``std`` from timm's data config of the
-    backbone. ``vptool.backbones.build_backbone``'s ``info.data_config`` is more exact (it knows the checkpoint
-    format's normalisation); vptool's builders pass that one through ``set_data_config``."""
-    from timm.data import resolve_model_data_config
-
-    cfg = resolve_model_data_config(backbone)
-    return {"input_size": family_for(backbone).input_size(backbone), "mean": tuple(cfg["mean"]),
-            "std": tuple(cfg["std"])}
-
-
-def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Raises RunError naming the first tensor of ``tensors`` that holds NaN or inf (nothing is written)."""
-    from vptool.errors import RunError
-
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise RunError(f"{where}: not written: tensor {name} holds NaN or inf (the model diverged; lower train.lr)")
-
-
-def format_parameter_summary(trainable: int, total: int) -> str:
-    """``trainable params: 1,234 || all params: 86,000,000 || trainable%: 0.0014`` (peft's format)."""
-    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-
 
 def _as_config(config, args: tuple, options: dict) -> ModelConfig:
     """The ``ModelConfig`` of a constructor call: ``config`` itself, or built from the keyword form (K first, then
