@@ -182,7 +182,8 @@ def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
     attention output, 2·B·T·D fp32 values per block when gradients flow through the blocks (prompts, gates,
     temperature, a learned [MASK] token, full fine-tune), one block's worth for a linear probe. The real peak is
     higher (MLP activations, attention maps), so a run this refuses can never fit; one it accepts still may not.
-    A ConvNet (no blocks, ``Family.depth`` 0) counts its weights and Np·D prompt values only.
+    A ConvNet (no blocks: ``Family.sizes`` gives L = 0) counts its weights and its pad pixels only
+    (``Family.memory_terms``).
 
     Returns:
         ``{"bytes", "tokens", "prompt_params"}``.

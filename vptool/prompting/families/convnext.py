@@ -138,13 +138,7 @@ class ConvNetOps(Family):
     def check_config(self, backbone: nn.Module, config) -> None:
         """Raise ``UserError`` with the first option a ConvNet cannot take, one line naming its key (the module
         doc's list)."""
-        problem = self.config_problem(config, mode_for(config.prompt_mode))
-        if problem:
-            raise UserError(problem)
-
-    def config_problem(self, config, mode) -> str | None:
-        """The first option a ConvNet cannot take, as one line naming its key (see the module doc), or None."""
-        c, t = config, self.title
+        c, t, mode = config, self.title, mode_for(config.prompt_mode)
         prompts = mode.has_prompts
         checks = [
             (not input_only(mode),
@@ -170,7 +164,9 @@ class ConvNetOps(Family):
             (prompts and c.prompt_dropout > 0, f"prompt.dropout: {c.prompt_dropout:g}: pad prompts get no dropout "
                                                "(official code); set 0"),
         ]
-        return next((msg for bad, msg in checks if bad), None)
+        problem = next((msg for bad, msg in checks if bad), None)
+        if problem:
+            raise UserError(problem)
 
     def build_prompts(self, model: nn.Module, config, values: torch.Tensor | None,
                       generator: torch.Generator | None) -> PadPrompts:
