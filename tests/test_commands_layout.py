@@ -21,6 +21,7 @@ EXPECTED = {
     "export": ("export", "export"),
     "predict": ("predict", "predict"),
     "sweep": ("sweep", "sweep_command"),
+    "table": ("table", "table_command"),
     "version": ("version", "version"),
 }
 

@@ -2,7 +2,7 @@
 (``vptool.data.vtab``), so that ``vptool table`` runs its whole VTAB-1k protocol (tune on train800/val200, retrain on
 train800val200, test) on real images on any machine: ``recipes/tables/digits_vtab.yaml``.
 
-The tasks (one per VTAB-1k group, the table's stand-ins for Natural, Specialized and Structured):
+The tasks (the table puts the first and the last in its Natural group, the second in Specialized):
 
 - ``digits`` (K = 10): the digits as they are;
 - ``digits_rot90`` (K = 10): every image rotated by 90 degrees (counter-clockwise), a change of input statistics;
@@ -11,7 +11,7 @@ The tasks (one per VTAB-1k group, the table's stand-ins for Natural, Specialized
 Each task takes a stratified, seeded sample of the 1,797 images (``TRAIN`` + ``VAL`` + ``TEST``; smaller than
 VTAB-1k's 800/200 so that the table runs in CI in minutes): the list files keep VTAB-1k's names (``train800.txt``
 holds ``TRAIN`` images, ``val200.txt`` ``VAL``, ``train800val200.txt`` both, ``test.txt`` the rest of the sample).
-Images are 8x8 grayscale PNGs, pixel = round(value / 16 * 255).
+Images are 8x8 grayscale PNGs, pixel = round(value / 16 * 255), named by their index in ``load_digits()``.
 
 Usage: ``python -m vptool.data.digits_vtab DEST`` writes ``DEST/<task>/...`` (refuses a DEST that holds files
 already); every file is written to a temporary folder first and moved into place.
@@ -33,13 +33,15 @@ TRAIN, VAL, TEST = 200, 100, 300
 SEED = 0
 
 
-def _task_arrays(images: np.ndarray, labels: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
+def _task_arrays(images: np.ndarray, labels: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, each one's index in scikit-learn's digits) of one task."""
+    index = np.arange(len(labels))
     if task == "digits_rot90":
-        return np.rot90(images, k=1, axes=(1, 2)), labels
+        return np.rot90(images, k=1, axes=(1, 2)), labels, index
     if task == "digits_5to9":
         keep = labels >= 5
-        return images[keep], labels[keep] - 5
-    return images, labels
+        return images[keep], labels[keep] - 5, index[keep]
+    return images, labels, index
 
 
 def _split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,7 +83,7 @@ def write_digits_vtab(dest: str | Path, seed: int = SEED) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         for task in TASKS:
-            images, labels = _task_arrays(pixels, d.target.astype(np.int64), task)
+            images, labels, index = _task_arrays(pixels, d.target.astype(np.int64), task)
             folder = tmp / task / "images"
             folder.mkdir(parents=True)
             train, val, test = _split(labels, seed)
@@ -89,7 +91,7 @@ def write_digits_vtab(dest: str | Path, seed: int = SEED) -> Path:
             for name, idx in (("train800", train), ("val200", val), ("test", test)):
                 lines = []
                 for i in idx:
-                    rel = f"images/{i:04d}.png"
+                    rel = f"images/{index[i]:04d}.png"  # named by its index in load_digits()
                     Image.fromarray(np.ascontiguousarray(images[i]), mode="L").save(tmp / task / rel)
                     lines.append(f"{rel} {int(labels[i])}")
                 lists[name] = lines
