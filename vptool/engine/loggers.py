@@ -162,8 +162,13 @@ class _MLflow:
         self.client = client = _client(self.uri)
         id_file = run / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else None
+        got = None
         if run_id:
-            got = client.get_run(run_id)  # raises when the store lost it: the logger is then turned off
+            try:
+                got = client.get_run(run_id)
+            except Exception:  # the store no longer holds it (deleted, another store): a new run
+                got = None
+        if got is not None:
             client.update_run(run_id, status="RUNNING")
             have = dict(got.data.params)
         else:
@@ -174,7 +179,7 @@ class _MLflow:
             have = {}
         self.run_id = run_id
         _log_params(client, run_id, _params(flat_keys(recipe.to_dict())), have)
-        self.logged = {m.step for m in client.get_metric_history(run_id, "train_loss")} if have else set()
+        self.logged = {m.step for m in client.get_metric_history(run_id, "train_loss")} if got else set()
         for r in records:  # epochs in the checkpoint that a killed attempt did not log
             self.epoch(r, {})
 
@@ -324,15 +329,19 @@ def log_table_mlflow(uri: str, experiment: str, table_name: str, params: dict, c
     children = {r.data.tags.get("vptool.cell"): r.info.run_id for r in found
                 if r.data.tags.get("mlflow.parentRunId") == parent}
     for cell in cells:
-        if cell["name"] in children:
-            continue
-        child = client.create_run(exp, run_name=cell["name"], tags={
-            "mlflow.parentRunId": parent, "vptool.table": table_name, "vptool.cell": cell["name"]}).info.run_id
-        _log_params(client, child, _params(cell.get("params") or {}), {})
-        values = {k: v for k, v in (cell.get("metrics") or {}).items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if values:
-            _log_metrics(client, child, values, 0)
-        client.set_terminated(child)
-        children[cell["name"]] = child
+        if cell["name"] not in children:
+            children[cell["name"]] = _table_cell(client, exp, parent, table_name, cell)
     return parent
+
+
+def _table_cell(client, exp: str, parent: str, table_name: str, cell: dict) -> str:
+    """A new child run of ``parent`` for ``cell``, its params and numeric metrics (step 0) logged; its id."""
+    child = client.create_run(exp, run_name=cell["name"], tags={
+        "mlflow.parentRunId": parent, "vptool.table": table_name, "vptool.cell": cell["name"]}).info.run_id
+    _log_params(client, child, _params(cell.get("params") or {}), {})
+    values = {k: v for k, v in (cell.get("metrics") or {}).items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if values:
+        _log_metrics(client, child, values, 0)
+    client.set_terminated(child)
+    return child
