@@ -100,7 +100,8 @@ def test_gate_scalars_equal_summary_gates(gated_run):
         assert dict(history(client, run_id, key))[best] == g
 
 
-@pytest.mark.parametrize("module,key", [("tensorboard", "log.tensorboard"), ("mlflow", "log.mlflow")])
+@pytest.mark.parametrize("module,key", [("tensorboard", "log.tensorboard"), ("mlflow", "log.mlflow"),
+                                        ("sqlalchemy", "log.mlflow")])  # the SQLite store's
 def test_missing_package_exits_2_with_one_line(tmp_path, monkeypatch, module, key):
     monkeypatch.setitem(sys.modules, module, None)  # `import tensorboard` now raises ImportError
     log = {"tensorboard": True} if module == "tensorboard" else {"mlflow": str(tmp_path / "mlruns")}

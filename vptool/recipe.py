@@ -438,8 +438,10 @@ def log_problems(log: LogConfig) -> list[str]:
     e, fix = [], 'pip install "vptool[log]"'
     if log.tensorboard and missing("tensorboard"):
         e.append(f"log.tensorboard: true needs the tensorboard package: {fix} (or set log.tensorboard: false)")
-    if log.mlflow is not None and missing("mlflow"):
-        e.append(f"log.mlflow: {log.mlflow} needs the mlflow package: {fix} (or remove log.mlflow)")
+    local = log.mlflow is not None and not log.mlflow.startswith(("file:", "http:", "https:", "databricks"))
+    if log.mlflow is not None and any(missing(m) for m in ["mlflow", *(["sqlalchemy", "alembic"] * local)]):
+        e.append(f"log.mlflow: {log.mlflow} needs the mlflow package (and SQLAlchemy, alembic for a SQLite store): "
+                 f"{fix} (or remove log.mlflow)")
     elif log.mlflow is not None and log.mlflow.startswith("file:"):
         from mlflow import environment_variables as env
 

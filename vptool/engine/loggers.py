@@ -234,7 +234,7 @@ class RunLoggers:
         except Exception as exc:  # a logger never loses the training run
             self.active.pop(key, None)
             first = (str(exc).strip().splitlines() or [""])[0][:200]
-            self.warn(f"warning: {key}: logging failed ({type(exc).__name__}: {first}); it is off for the rest "
+            self.warn(f"{key}: logging failed ({type(exc).__name__}: {first}); it is off for the rest "
                       "of this run, the training goes on")
             return
         if key not in self.active and out is not None:
