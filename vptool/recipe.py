@@ -198,6 +198,17 @@ class OutputConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = _f(False, "also write each epoch's metrics.jsonl scalars (and gate values) as TensorBoard "
+                                  "event files under <run>/tensorboard/ (needs the tensorboard package: "
+                                  "pip install \"vptool[log]\")")
+    mlflow: Optional[str] = _f(None, "also log to MLflow: a folder (holds mlflow.db, a SQLite store), a *.db file, "
+                                     "sqlite:///path.db, a file: URI (MLflow's file store) or a server URI; "
+                                     "relative paths against the working directory (needs vptool[log])")
+    mlflow_experiment: Optional[str] = _f(None, "MLflow experiment name (default: vptool)")
+
+
+@dataclass
 class Recipe:
     method: str = _f(None, "method preset: see `vptool train --help`", required=True)
     seed: int = _f(0, "training seed (init, batch order, dropout)")
@@ -210,6 +221,7 @@ class Recipe:
     head: HeadConfig = _f(factory=HeadConfig)
     train: TrainConfig = _f(factory=TrainConfig)
     output: OutputConfig = _f(factory=OutputConfig)
+    log: LogConfig = _f(factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -411,19 +423,54 @@ def resolve_saved(raw: dict, source: str) -> Recipe:
     return resolve(raw, source=source)
 
 
+def log_problems(log: LogConfig) -> list[str]:
+    """What stops the ``log`` section's loggers here, one line each naming the key: a missing optional package
+    (the ``log`` extra), or a ``file:`` store this MLflow refuses (MLflow 3 wants ``MLFLOW_ALLOW_FILE_STORE=true``).
+    Imports tensorboard / mlflow only when the section asks for them."""
+    import importlib.util
+
+    def missing(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):  # a parent package missing, or set to None in sys.modules
+            return True
+
+    e, fix = [], 'pip install "vptool[log]"'
+    if log.tensorboard and missing("tensorboard"):
+        e.append(f"log.tensorboard: true needs the tensorboard package: {fix} (or set log.tensorboard: false)")
+    local = log.mlflow is not None and not log.mlflow.startswith(("file:", "http:", "https:", "databricks"))
+    if log.mlflow is not None and any(missing(m) for m in ["mlflow", *(["sqlalchemy", "alembic"] * local)]):
+        e.append(f"log.mlflow: {log.mlflow} needs the mlflow package (and SQLAlchemy, alembic for a SQLite store): "
+                 f"{fix} (or remove log.mlflow)")
+    elif log.mlflow is not None and log.mlflow.startswith("file:"):
+        from mlflow import environment_variables as env
+
+        allow = getattr(env, "MLFLOW_ALLOW_FILE_STORE", None)  # MLflow 3.7+: the file store is opt-in
+        if allow is not None and not allow.get():
+            e.append(f"log.mlflow: {log.mlflow}: this MLflow refuses its file store; give a folder without file: "
+                     "(vptool keeps a SQLite mlflow.db there), sqlite:///path.db, or set MLFLOW_ALLOW_FILE_STORE=true")
+    elif log.mlflow is not None and not log.mlflow.strip():
+        e.append("log.mlflow: empty; give a folder, sqlite:///path.db or a tracking URI, or remove the key")
+    return e
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load, merge preset and ``--set`` overrides, and validate a recipe file.
 
     The run name defaults to the file's stem (``recipes/quickstart.yaml`` -> ``runs/quickstart``).
 
     Raises:
-        UserError / RecipeError: see ``read_yaml`` and ``resolve``.
+        UserError / RecipeError: see ``read_yaml``, ``resolve``; ``log_problems`` (a ``log`` section this machine cannot
+        run: a missing optional package).
     """
     raw = read_yaml(path)
     ov = parse_overrides(overrides or [])
     recipe = resolve(raw, ov, source=str(path))
     if recipe.output.name is None:
         recipe.output.name = Path(path).stem
+    problems = log_problems(recipe.log)  # a missing optional package: refused before any slow work
+    if problems:
+        raise RecipeError(problems, source=str(path))
     return recipe
 
 
@@ -432,7 +479,7 @@ def load_run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> 
     that directory (``output.dir`` its parent, ``output.name`` its name) wherever it has moved.
 
     Raises:
-        UserError / RecipeError: no recipe.yaml, or a bad value.
+        UserError / RecipeError: no recipe.yaml, a bad value, or a ``log`` section this machine cannot run.
     """
     run = Path(run_dir)
     path = run / "recipe.yaml"
@@ -441,7 +488,10 @@ def load_run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> 
     raw, dropped = drop_unknown_keys(read_yaml(path))
     ov = parse_overrides(overrides or [])
     ov = deep_merge(ov, {"output": {"dir": str(run.parent), "name": run.name}})
-    return resolve(raw, ov, source=str(path))
+    recipe = resolve(raw, ov, source=str(path))
+    if log_problems(recipe.log):
+        raise RecipeError(log_problems(recipe.log), source=str(path))
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:

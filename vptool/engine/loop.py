@@ -4,7 +4,8 @@
 the model, data, optimizer and schedule (``vptool.engine.schedule``), the feature cache of a head-only run
 (``vptool.engine.features``), and what the loop carries from step to step. It writes ``metrics.jsonl``,
 ``adapter.safetensors``, ``checkpoints/last.pt``, ``prompt_history/``, ``adapter_config.json`` and
-``summary.json`` (the run directory contract: ``vptool.engine.train``); under torchrun only rank 0 writes.
+``summary.json`` (the run directory contract: ``vptool.engine.train``), and with the recipe's ``log`` section the
+same numbers to TensorBoard / MLflow (``vptool.engine.loggers``); under torchrun only rank 0 writes.
 
 A stop signal (``runstate.StopSignals``) ends the current step, or abandons an evaluation, then the loop writes
 ``last.pt`` and raises ``runstate.Interrupted``; a non-finite loss, gradient, update or parameter raises
@@ -75,6 +76,16 @@ def _nonfinite(what: str, value, epoch: int, step: int, steps: int, lr: float, b
     return exc
 
 
+class _NoLoggers:
+    """``engine.loggers.RunLoggers``' face when nothing is logged (no ``log`` section, or a rank other than 0)."""
+
+    def log_epoch(self, record: dict, model=None) -> None: ...
+
+    def log_summary(self, summary: dict, step: int) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
 class _Stop(Exception):
     """Raised inside an evaluation loop when a stop signal arrived."""
 
@@ -94,9 +105,19 @@ def fit(recipe: Recipe, setup: Setup, run: Path, final: Path, obs: Progress, t_s
     loop = Fit(recipe, setup, run, final, obs, stop, resume_command, job)
     loop.restore(ckpt)
     loop.write_metrics()  # a fresh run starts empty; a resumed one drops lines a killed attempt wrote past last.pt
-    loop.build_cache(cleanup)
-    loop.train_epochs()
-    return loop.finish(t_start)
+    if loop.main and (recipe.log.tensorboard or recipe.log.mlflow is not None):
+        from vptool.engine.loggers import RunLoggers  # tensorboard / mlflow are imported only when asked for
+
+        loop.loggers = RunLoggers(recipe, run, final, loop.records if ckpt else [], obs.note)
+    try:
+        loop.build_cache(cleanup)
+        loop.train_epochs()
+        summary = loop.finish(t_start)
+    except BaseException as exc:
+        loop.loggers.close("KILLED" if isinstance(exc, Interrupted) else "FAILED")
+        raise
+    loop.loggers.close()
+    return summary
 
 
 class Fit:
@@ -155,6 +176,7 @@ class Fit:
         self.start_epoch, self.start_step = 1, 0
         self.lr: float | None = None  # the last step's lr, carried from epoch to epoch (train_epochs)
         self.cache = None
+        self.loggers = _NoLoggers()  # ``fit`` opens the recipe's ``log`` section on rank 0
 
     def _forwards(self, compile_: bool) -> None:
         """``trained`` (what each step runs: the head on cached features, or the whole model), ``evaluator``
@@ -401,6 +423,7 @@ class Fit:
             save_snapshot(self.model, self.run, epoch)
         signum = self.stop_agreed()
         self.checkpoint(epoch, 0)
+        self.loggers.log_epoch(record, self.model)  # after last.pt holds the record: a resume never logs it twice
         self.obs.epoch_end(record)
         if signum:
             raise self.stopped(f"after epoch {epoch}", signum)
@@ -435,5 +458,6 @@ class Fit:
         if self.main:
             write_config(model, self.run / CONFIG_NAME)
             write_text_atomically(self.run / "summary.json", dumps_strict(summary, indent=2) + "\n")
+            self.loggers.log_summary(summary, len(self.records))
         self.obs.run_end(summary)
         return summary
