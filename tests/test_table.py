@@ -108,7 +108,8 @@ def test_selection_is_on_val_and_vtab_reports_the_retrain(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["counts"] == {"done": 3, "running": 0, "pending": 0, "failed": 0}
     # what ran: the FGVC cell two points, each VTAB cell two tune points and ONE retrain, of the val-selected lr
-    ran = [(Path(c["run"]).parent.name, c["sets"].get("data.vtab_split"), c["sets"]["train.lr"]) for c in calls(tmp_path)]
+    ran = [(Path(c["run"]).parent.name, c["sets"].get("data.vtab_split"), c["sets"]["train.lr"])
+           for c in calls(tmp_path)]
     assert sorted(x for x in ran if x[0] == "a-final-sweep") == [("a-final-sweep", "final", 0.5)]
     assert sorted(x for x in ran if x[0] == "b-final-sweep") == [("b-final-sweep", "final", 2.0)]
     assert len(ran) == 2 + 3 + 3
@@ -407,3 +408,34 @@ def test_sigkill_mid_table_then_rerun_trains_each_cell_once(two_workers, tmp_pat
     _exactly_once(table_dir, doc, f"sqlite:///{table_dir / 'table.db'}")
     ref = (ref_tmp / "runs" / "digits_vtab-table" / "table.csv").read_text()
     assert (table_dir / "table.csv").read_text() == ref
+
+
+def test_table_logs_one_mlflow_parent_and_a_child_per_cell(tmp_path):
+    """--set log.mlflow=DIR: the table is one MLflow parent run, each cell a child whose test_top1 is table.csv's;
+    a rerun adds no run (read back with mlflow's own client)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from vptool.engine.loggers import tracking_uri
+
+    plant = {"digits|fgvc|2.0": [50.0, 99.0], "digits|fgvc|0.5": [90.0, 10.0],
+             "a|tune|2.0": [40.0, 98.0], "a|tune|0.5": [80.0, 20.0], "a|final|0.5": [81.0, 33.0],
+             "b|tune|2.0": [85.0, 11.0], "b|tune|0.5": [30.0, 96.0], "b|final|2.0": [86.0, 44.0]}
+    cmd = fake_trainer(tmp_path, plant)
+    table = write_table(tmp_path, small_table())
+    args = ["table", str(table), "--trial-command", cmd, "--output-dir", str(tmp_path / "out"),
+            "--set", f"log.mlflow={tmp_path / 'ml'}"]
+    for _ in range(2):
+        r = invoke_cli(*args, cwd=tmp_path)
+        assert r.exit_code == 0, r.output
+    client = MlflowClient(tracking_uri(str(tmp_path / "ml")))
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [x for x in runs if x.data.tags.get("vptool.table") == "t" and "mlflow.parentRunId" not in x.data.tags]
+    assert len(parents) == 1
+    children = {x.data.tags["vptool.cell"]: x for x in runs if x.data.tags.get("mlflow.parentRunId") ==
+                parents[0].info.run_id}
+    want = {f"vpt-deep/{r['column']}": float(r["top1"]) for r in read_csv(tmp_path / "out" / "t-table" / "table.csv")
+            if r["kind"] == "task"}
+    assert {k: v.data.metrics["test_top1"] for k, v in children.items()} == want
+    assert len(runs) == 1 + 3

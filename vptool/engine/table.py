@@ -50,6 +50,7 @@ class Cell:
         self.sets = [*table.cell_sets(row, column), *sets]
         self.search = table.cell_search(row, column)
         self.out = [f"output.dir={yaml_scalar(str(table_dir / row.slug))}"]
+        self.recipe = None  # the search stage's recipe (``check_cell``)
         self.tune = self.final = None
         self.tune_report = self.final_report = None
         self.done = False
@@ -114,6 +115,7 @@ class Table:
             if self.trained == before:
                 time.sleep(self.poll)  # every open cell is being trained by another worker
         report = self.report()
+        self.log_mlflow(report)
         if not any(r["state"] == "done" for r in report["cells"]):
             raise RunError(f"table {self.spec.name}: every cell failed; see the sweeps' logs/ under {self.table_dir}")
         return report
@@ -152,6 +154,28 @@ class Table:
             cell.final = self._sweep(cell, "final", [f"{k}={v}" for k, v in params.items()])
         cell.final_report = cell.final.run(say=say)
         cell.done = _final(cell.final_report)
+
+    def log_mlflow(self, report: dict) -> None:
+        """With ``log.mlflow`` in the cells' recipe (e.g. ``--set log.mlflow=mlruns``): one MLflow parent run for the
+        table and a child per cell with a number (``vptool.engine.loggers.log_table_mlflow``: get-or-create, so a
+        rerun or a second worker logs nothing twice). A logging failure is one warning line; the table stands."""
+        recipe = self.cells[0].recipe if self.cells else None
+        uri = getattr(getattr(recipe, "log", None), "mlflow", None)
+        if not uri:
+            return
+        from vptool.engine.loggers import log_table_mlflow
+
+        cells = [{"name": c["row_slug"] + "/" + c["column"],
+                  "params": {"row": c["row"], "column": c["column"], "group": c["group"], "protocol": c["protocol"],
+                             "selected": " ".join(c["selected"] or []), "run_dir": str(c["run_dir"])},
+                  "metrics": {k: c[k] for k in ("val_acc", "test_top1", "trainable_params")
+                              if isinstance(c[k], (int, float))}}
+                 for c in report["cells"] if c["state"] == "done"]
+        try:
+            log_table_mlflow(uri, recipe.log.mlflow_experiment or self.spec.name, self.spec.name,
+                             {"title": self.spec.title, "source": self.spec.source, "storage": self.shown}, cells)
+        except Exception as exc:  # the table's files are written; MLflow is a view of them
+            self.say(f"warning: log.mlflow: the table was not logged ({type(exc).__name__}: {str(exc)[:160]})")
 
     def report(self) -> dict:
         """Write ``table.md``, ``table.csv``, ``table.tex`` and ``table.json`` from what the cells have now."""
@@ -225,7 +249,7 @@ def plan_table(path: str | Path, sets: list[str] | None = None, storage: str | N
         raise UserError(f"--output-dir: {table_dir} is a file; the table writes a folder there")
     cells = [Cell(spec, r, c, list(sets or []), table_dir) for r in spec.rows for c in spec.columns]
     for cell in cells:
-        check_cell(cell)
+        cell.recipe = check_cell(cell)
     url = storage if storage is not None else f"sqlite:///{table_dir.resolve() / 'table.db'}"
     try:
         from sqlalchemy.engine import make_url

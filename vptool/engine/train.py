@@ -29,6 +29,9 @@ Run directory contract (stable; other tools read it):
 - ``prompt_history/epoch_EEEE.safetensors`` with ``output.save_prompt_history: true``: the tensors that shape the
   prompt representations (``prompts.*``, ``gates.logit``, ``temperature``, a learned ``mask_token``) before
   training (epoch 0) and after each epoch, read by ``vptool probe-nmi --history``.
+- ``tensorboard/`` (``log.tensorboard: true``): TensorBoard event files, one scalar per ``metrics.jsonl`` number per
+  epoch (step = epoch; a resumed run writes a new file from epoch 1: readers keep the last value per step);
+  ``mlflow_run_id`` (``log.mlflow``): the MLflow run a resumed run continues (``vptool.engine.loggers``).
 - ``.feature_cache/`` only while a head-only run trains on cached features too big for memory
   (``vptool.engine.features``): removed when training ends, and by the next attempt after a kill.
 """
