@@ -55,9 +55,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", ("vptool.prompting", "vptool.backbones", "vptool.conventions", "vptool.data", "vptool.analysis")),
     # the library face: vptool.prompting.model's PromptedViT adds predict/save_pretrained/from_pretrained to the
     # model layer's PromptedCore; vptool.builder builds either, handed the class
-    # vptool.presets, vptool.recipe_checks and vptool.overrides: parts of the recipe (re-exported by vptool.recipe)
+    # vptool.presets, vptool.recipe_checks and vptool.overrides: parts of the recipe (re-exported by vptool.recipe);
+    # vptool.shipped: the shipped recipes and tables, and names to paths
     ("library", ("vptool", "vptool.recipe", "vptool.presets", "vptool.recipe_checks", "vptool.overrides",
-                 "vptool.builder", "vptool.adapter", "vptool.inference", "vptool.export", "vptool.prompting.model")),
+                 "vptool.shipped", "vptool.builder", "vptool.adapter", "vptool.inference", "vptool.export",
+                 "vptool.prompting.model")),
     # vptool.engine.train is the train entry point; runplan decides where a run writes, schedule holds the lr
     # schedule, optimizer and data order, loop the training loop
     ("engine", ("vptool.engine", "vptool.engine.runplan", "vptool.engine.schedule", "vptool.engine.loop")),

@@ -21,7 +21,13 @@ EXPECTED = {
     "export": ("export", "export"),
     "predict": ("predict", "predict"),
     "sweep": ("sweep", "sweep_command"),
+    "table": ("table", "table_command"),
     "version": ("version", "version"),
+}
+
+#: command group -> (its module under vptool/commands/, {subcommand: the function that implements it})
+GROUPS = {
+    "recipes": ("recipes", {"ls": "ls", "cp": "cp"}),
 }
 
 #: underscore names that are documented public API, with why
@@ -96,8 +102,18 @@ def test_each_command_is_defined_and_registered_in_its_own_module(command):
         assert function.replace("_", "-") == command
 
 
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_each_group_is_defined_and_registered_in_its_own_module(group):
+    module, subcommands = GROUPS[group]
+    tree = _tree(COMMANDS / f"{module}.py")
+    missing = set(subcommands.values()) - _top_functions(tree)
+    assert not missing, f"{module}.py: does not define {sorted(missing)}"
+    names = [a.value for c in _registrations(tree) for a in c.args if isinstance(a, ast.Constant)]
+    assert sorted(names) == sorted(subcommands), f"{module}.py: registers {names}, expected {sorted(subcommands)}"
+
+
 def test_no_command_is_defined_outside_its_module():
-    owners = {module for module, _ in EXPECTED.values()}
+    owners = {module for module, _ in EXPECTED.values()} | {module for module, _ in GROUPS.values()}
     for path in sorted(COMMANDS.glob("*.py")):
         if path.stem not in owners:
             assert not _registrations(_tree(path)), f"{path.name}: registers a command; give it its own module"

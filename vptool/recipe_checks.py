@@ -18,7 +18,7 @@ def cross_field_problems(r) -> list[str]:
 
 def _data_problems(r) -> list[str]:
     e = []
-    problem = dataset_problem(r.data.dataset, r.data.task)
+    problem = dataset_problem(r.data.dataset, r.data.task, r.data.num_classes)
     if problem:
         e.append(problem)
     elif r.data.dataset != "digits" and not r.data.root:

@@ -15,13 +15,15 @@ import vptool.commands.export as export
 import vptool.commands.init_prompts as init_prompts
 import vptool.commands.predict as predict
 import vptool.commands.probe_nmi as probe_nmi
+import vptool.commands.recipes as recipes
 import vptool.commands.sweep as sweep
+import vptool.commands.table as table
 import vptool.commands.train as train
 import vptool.commands.version as version
 from vptool.commands.common import OneLineUsageErrors
 
 #: the command modules, in the order their commands are listed by ``vptool --help``
-COMMANDS = (train, init_prompts, probe_nmi, eval_command, export, predict, sweep, version)
+COMMANDS = (train, init_prompts, probe_nmi, eval_command, export, predict, sweep, table, recipes, version)
 
 
 def build_app() -> typer.Typer:

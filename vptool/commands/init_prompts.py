@@ -45,7 +45,9 @@ def init_prompts(
     file with prompt.init: file and prompt.init_file: FILE.
     """
     from vptool.recipe import load_recipe
+    from vptool.shipped import resolve_recipe
 
+    recipe = resolve_recipe(recipe)  # a path, or a shipped recipe's name
     r = load_recipe(recipe, set_ or [])
     spec = resolve_spec(r, strategy, fraction, source, form, seed)
     check_output(recipe, r, output, overwrite)  # refuse a bad or existing -o before any slow work

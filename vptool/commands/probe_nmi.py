@@ -45,8 +45,11 @@ def probe_nmi(
     patch tokens entering it. Writes a CSV, a JSON and a PNG plot (NMI vs block, or with --history NMI vs epoch).
     """
     from vptool.recipe import load_recipe
+    from vptool.shipped import find_shipped
 
     one_process("probe-nmi")
+    if not target.exists():  # a shipped recipe's name (vptool recipes ls)
+        target = find_shipped(target) or target
     check_options(target, prompts, split, max_images, history, compare)
     from vptool.engine import probe as pr
 

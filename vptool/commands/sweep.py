@@ -64,7 +64,9 @@ def sweep_command(
     """
     from vptool.engine import sweep as sw
     from vptool.errors import RunError
+    from vptool.shipped import resolve_recipe
 
+    recipe = resolve_recipe(recipe)  # a path, or a shipped recipe's name
     plan = sw.plan_sweep(recipe, grid or [], set_ or [], storage=storage, study=study, trial_command=trial_command)
     try:
         report = plan.run(say=lambda line: err.print(line, markup=False))

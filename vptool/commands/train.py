@@ -11,15 +11,15 @@ import typer
 from vptool.commands.common import DebugOpt, JsonOpt, RichProgress, SetOpt, cli_errors, err, gate_table, is_main
 from vptool.errors import UserError
 
-EPILOG = ("Examples:\n\n  vptool train recipes/quickstart.yaml\n\n"
+EPILOG = ("Examples:\n\n  vptool train quickstart\n\n  vptool train recipes/quickstart.yaml\n\n"
           "  vptool train recipes/quickstart.yaml --set train.lr=0.05 --set output.name=lr005\n\n"
           "  vptool train recipes/quickstart.yaml --dry-run --json\n\n"
           "  vptool train runs/quickstart --resume --set train.epochs=40")
 
 
 def train(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/), or with --resume a run directory.",
-                                           show_default=False)],
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe, a shipped recipe's name (vptool recipes ls), or with "
+                                           "--resume a run directory.", show_default=False)],
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the "
                                           "trainable-parameter summary, then exit; writes nothing. Inputs not "
@@ -37,6 +37,12 @@ def train(
     SIGINT/SIGTERM stop after the current step, write checkpoints/last.pt and exit 130/143; --resume continues.
     Method presets (recipe key `method`) fill defaults the recipe can override.
     """
+    from vptool.shipped import resolve_recipe
+
+    path = resolve_recipe(recipe)  # an existing path, or a shipped recipe's name (vptool recipes ls)
+    if path != recipe and is_main():
+        err.print(f"recipe: {path} (shipped)", markup=False)
+    recipe = path
     r = load_train_recipe(recipe, set_ or [], resume, dry_run)
     # torch, timm and torchvision load only now: --help and a bad recipe answer without them
     if dry_run:

@@ -151,7 +151,7 @@ def _imagefolder(data, train_tf, eval_tf) -> Splits:
 def _dataset_problem(data) -> None:
     from vptool.data.catalog import dataset_problem
 
-    problem = dataset_problem(data.dataset, data.task)
+    problem = dataset_problem(data.dataset, data.task, data.num_classes)
     if problem:
         raise UserError(problem)
 

@@ -39,8 +39,13 @@ TORCHVISION_SETS: dict[str, int] = {
 }
 
 
-def dataset_problem(dataset: str, task: str | None) -> str | None:
-    """One line naming what is wrong with ``data.dataset`` / ``data.task``, or None when they are valid."""
+def dataset_problem(dataset: str, task: str | None, num_classes: int | None = None) -> str | None:
+    """One line naming what is wrong with ``data.dataset`` / ``data.task``, or None when they are valid.
+
+    A ``vtab-1k`` task folder that is not one of the 19 (``VTAB_TASKS``) is a task of your own in the same layout
+    (e.g. the digits stand-in tasks of ``vptool.data.digits_vtab``): valid when ``num_classes`` (``data.num_classes``,
+    its K) is given.
+    """
     import difflib
 
     if dataset.startswith("torchvision:"):
@@ -62,8 +67,12 @@ def dataset_problem(dataset: str, task: str | None) -> str | None:
     if task is None:
         return f"data.task: missing; {dataset} needs one of {', '.join(tasks)}"
     if task not in tasks:
+        if dataset == "vtab-1k" and num_classes is not None:
+            return None  # a task of one's own in the vtab-1k layout; K given
         close = difflib.get_close_matches(task, list(tasks), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(tasks)}"
+        if dataset == "vtab-1k":
+            hint += " (or set data.num_classes for a task folder of your own in the vtab-1k layout)"
         return f"data.task: {task!r} is not a {dataset} task; {hint}"
     return None
 

@@ -8,7 +8,8 @@ Layout (``data.root`` = the ``vtab-1k`` folder)::
 Splits (``data.vtab_split``, catalog.VTAB_SPLITS): ``final`` trains on train800val200 and tests on test
 (val200, a subset of the training images, is still reported as val); ``tune`` trains on train800 and selects
 on val200. K comes from catalog.VTAB_TASKS (the task's full class count, even if a split lacks a class);
-class names are ``"0".."K-1"``. Samples keep file order.
+class names are ``"0".."K-1"``. A task folder of one's own in this layout (not one of the 19) takes K from
+``data.num_classes``. Samples keep file order.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def build(data, train_tf, eval_tf) -> tuple[FileListDataset, FileListDataset, Fi
         UserError: missing files or images, malformed lines, labels outside [0, K).
     """
     check_layout(data)
-    k = VTAB_TASKS[data.task]
+    k = VTAB_TASKS.get(data.task) or data.num_classes  # a task of one's own: its data.num_classes
     classes = [str(i) for i in range(k)]
     out = []
     for path, tf in zip(split_files(data), (train_tf, eval_tf, eval_tf)):

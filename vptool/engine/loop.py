@@ -114,6 +114,7 @@ class Fit:
         if device.type == "cpu":  # bitwise repeatable on CPU; on CUDA, speed wins (cuBLAS/SDPA kernels may vary)
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.trainable, self.total = model.parameter_summary()
+        self.backbone_params = sum(p.numel() for p in model.backbone.parameters())
         obs.run_start({"run_dir": str(final), "device": str(device), "amp": str(amp) if amp else "fp32",
                        "params": format_parameter_summary(self.trainable, self.total),
                        "train_images": len(splits.train), "val_images": len(splits.val),
@@ -419,7 +420,7 @@ class Fit:
         summary = {
             "best_epoch": best["epoch"], "val_acc": best["val_acc"],
             "test_top1": topk_accuracy(logits, labels, 1), "test_top5": topk_accuracy(logits, labels, 5),
-            "trainable_params": self.trainable, "total_params": self.total,
+            "trainable_params": self.trainable, "total_params": self.total, "backbone_params": self.backbone_params,
             "seconds": round(time.time() - t_start, 3), "vptool_version": vptool.__version__,
             "method": recipe.method, "device": str(self.device),
             "backbone": {"name": setup.backbone.name, "checkpoint": setup.backbone.checkpoint,

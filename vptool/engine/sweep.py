@@ -72,6 +72,10 @@ class Sweep:
         self.heartbeat_interval, self.grace_period, self.poll = HEARTBEAT_INTERVAL, GRACE_PERIOD, POLL_SECONDS
         self.procs = TrialProcesses(self.poll, f"study {study_name}, {sweep_dir}")
         self.store: SweepStudy | None = None
+        #: False: ``run`` returns once no grid point is left for this worker (others train the rest) instead of
+        #: waiting for them (``vptool table`` moves on to its next cell); ``plot``: whether the reports include
+        #: ``sweep.png``
+        self.wait, self.plot = True, True
 
     @property
     def trained(self) -> int:
@@ -109,7 +113,7 @@ class Sweep:
             optuna.logging.set_verbosity(old_verbosity)
             if self.store is not None:
                 self.store.close()
-        if report["counts"]["COMPLETE"] == 0 and report["counts"]["FAIL"] == len(self.grid):
+        if self.wait and report["counts"]["COMPLETE"] == 0 and report["counts"]["FAIL"] == len(self.grid):
             first = next(r for r in report["rows"] if r["state"] == "FAIL")
             raise RunError(f"every trial failed (first: {first['trial']}: {first['error']}); see "
                            f"{self.logs}/ (reports: {self.outputs['csv']})")
@@ -130,9 +134,9 @@ class Sweep:
             self._loop(optuna)
         except BaseException:
             with contextlib.suppress(Exception):
-                self.report(plot=True)
+                self.report(plot=self.plot)
             raise
-        return self.report(plot=True)
+        return self.report(plot=self.plot)
 
     def _loop(self, optuna) -> None:
         store = self.store
@@ -148,6 +152,8 @@ class Sweep:
             if all(p.final for p in points):
                 return
             if not any(p.available for p in points):
+                if not self.wait:
+                    return
                 if not said_waiting:
                     self._say_waiting(points)
                     said_waiting = True

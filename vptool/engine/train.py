@@ -11,10 +11,11 @@ Run directory contract (stable; other tools read it):
 - ``metrics.jsonl``: one JSON object per epoch: ``epoch`` (1-based), ``lr`` (at the epoch's last step),
   ``train_loss`` (mean cross-entropy over the epoch's images), ``train_acc``, ``val_acc`` (percent), ``seconds``.
 - ``summary.json``: ``best_epoch``, ``val_acc``, ``test_top1``, ``test_top5`` (percent, best-validation adapter),
-  ``trainable_params``, ``total_params``, ``seconds``, ``vptool_version``, ``backbone`` (name, checkpoint, sha256);
-  for gated prompts ``gates`` and ``selection_ratio`` (GateVPT eq. 10-11), with a learnable temperature
-  ``temperature`` (L values), with a [MASK] token ``mask_token``: ``pretrained`` or ``learned``; under torchrun
-  ``world_size`` (the processes; ``vptool.engine.dist``: only rank 0 writes any of these files).
+  ``trainable_params``, ``total_params``, ``backbone_params`` (the pretrained backbone's own tensors, trained or
+  not: the unit of ``vptool table``'s "Total params"), ``seconds``, ``vptool_version``, ``backbone`` (name,
+  checkpoint, sha256); for gated prompts ``gates`` and ``selection_ratio`` (GateVPT eq. 10-11), with a learnable
+  temperature ``temperature`` (L values), with a [MASK] token ``mask_token``: ``pretrained`` or ``learned``; under
+  torchrun ``world_size`` (the processes; ``vptool.engine.dist``: only rank 0 writes any of these files).
 - ``adapter.safetensors`` + ``adapter_config.json``: the best-validation trainable tensors (never the frozen
   backbone) and the config that rebuilds the model without the dataset (``vptool.adapter``; ``vptool.load``).
 - ``prompt_init.safetensors``: with an SPT strategy as ``prompt.init``, the prompts the run started from
