@@ -439,3 +439,22 @@ def test_table_logs_one_mlflow_parent_and_a_child_per_cell(tmp_path):
             if r["kind"] == "task"}
     assert {k: v.data.metrics["test_top1"] for k, v in children.items()} == want
     assert len(runs) == 1 + 3
+
+
+def test_changed_table_is_refused_in_one_line(tmp_path):
+    """The same storage, another grid for a cell that ran: exit 2, one line naming the cell and the way out."""
+    plant = {"digits|fgvc|2.0": [50.0, 99.0], "digits|fgvc|0.5": [90.0, 10.0], "digits|fgvc|0.1": [1.0, 1.0]}
+    cmd = fake_trainer(tmp_path, plant)
+    doc = small_table()
+    doc["columns"] = doc["columns"][:1]
+    doc["groups"] = doc["groups"][:1]
+    doc["rows"][0]["paper"] = {}
+    args = ["table", str(write_table(tmp_path, doc)), "--trial-command", cmd, "--output-dir", str(tmp_path / "out")]
+    assert invoke_cli(*args, cwd=tmp_path).exit_code == 0
+    before = (tmp_path / "out" / "t-table" / "table.csv").read_bytes()
+    doc["search"] = {"train.lr": [2.0, 0.5, 0.1]}
+    write_table(tmp_path, doc)
+    r = invoke_cli(*args, cwd=tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    assert r.exit_code == 2 and len(lines) == 1 and "cell vpt-deep/dig" in lines[0] and "--output-dir" in lines[0]
+    assert (tmp_path / "out" / "t-table" / "table.csv").read_bytes() == before

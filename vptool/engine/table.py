@@ -142,7 +142,7 @@ class Table:
         if cell.tune is None:
             recipe = load_recipe(cell.row.recipe, cell.stage_sets("tune"))
             cell.tune = self._sweep(cell, "tune", cell.grid_items(recipe))
-        cell.tune_report = cell.tune.run(say=say)
+        cell.tune_report = self._run(cell, cell.tune, say)
         if not _final(cell.tune_report):
             return
         best = cell.tune_report["best"]
@@ -152,8 +152,20 @@ class Table:
         if cell.final is None:
             params = cell.tune.grid.params(best["index"])
             cell.final = self._sweep(cell, "final", [f"{k}={v}" for k, v in params.items()])
-        cell.final_report = cell.final.run(say=say)
+        cell.final_report = self._run(cell, cell.final, say)
         cell.done = _final(cell.final_report)
+
+    def _run(self, cell: Cell, sweep, say) -> dict:
+        """``sweep.run``; a study that holds another grid or other ``--set`` items (the table file or ``--set``
+        changed since the table started) is named for the table, not the sweep."""
+        try:
+            return sweep.run(say=say)
+        except UserError as exc:
+            if "holds a sweep" not in str(exc):
+                raise
+            raise UserError(f"cell {cell.name}: {self.shown} holds this cell with another grid or other overrides "
+                            "(the table file or --set changed since it ran); rerun with the same ones, or start a new "
+                            "table with another --output-dir (and --storage)") from None
 
     def log_mlflow(self, report: dict) -> None:
         """With ``log.mlflow`` in the cells' recipe (e.g. ``--set log.mlflow=mlruns``): one MLflow parent run for the
