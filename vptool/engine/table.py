@@ -142,7 +142,7 @@ class Table:
         if cell.tune is None:
             recipe = load_recipe(cell.row.recipe, cell.stage_sets("tune"))
             cell.tune = self._sweep(cell, "tune", cell.grid_items(recipe))
-        cell.tune_report = self._run(cell, cell.tune, say)
+        cell.tune_report = self._sweep_once(cell, cell.tune, say)
         if not _final(cell.tune_report):
             return
         best = cell.tune_report["best"]
@@ -152,10 +152,10 @@ class Table:
         if cell.final is None:
             params = cell.tune.grid.params(best["index"])
             cell.final = self._sweep(cell, "final", [f"{k}={v}" for k, v in params.items()])
-        cell.final_report = self._run(cell, cell.final, say)
+        cell.final_report = self._sweep_once(cell, cell.final, say)
         cell.done = _final(cell.final_report)
 
-    def _run(self, cell: Cell, sweep, say) -> dict:
+    def _sweep_once(self, cell: Cell, sweep, say) -> dict:
         """``sweep.run``; a study that holds another grid or other ``--set`` items (the table file or ``--set``
         changed since the table started) is named for the table, not the sweep."""
         try:
