@@ -458,3 +458,11 @@ def test_changed_table_is_refused_in_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
     assert r.exit_code == 2 and len(lines) == 1 and "cell vpt-deep/dig" in lines[0] and "--output-dir" in lines[0]
     assert (tmp_path / "out" / "t-table" / "table.csv").read_bytes() == before
+
+
+def test_table_by_shipped_name_and_unknown_name(tmp_path):
+    r = invoke_cli("table", "digits_vtab", "--dry-run", "--json", cwd=tmp_path)
+    assert r.exit_code == 0 and json.loads(r.stdout)["table"] == "digits_vtab"
+    r = invoke_cli("table", "digits_vtb", "--dry-run", cwd=tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "digits_vtb" in lines[0] and "digits_vtab" in lines[0]

@@ -84,13 +84,9 @@ def table_command(
 
 
 def _resolve(table: Path) -> Path:
-    """A table file's path, or a shipped table's name."""
-    if table.exists():
-        return table
-    try:
-        from vptool.shipped import resolve_table
-    except ImportError:
-        return table
+    """A table file's path (an existing path wins), or a shipped table's name (``digits_vtab``)."""
+    from vptool.shipped import resolve_table
+
     return resolve_table(str(table))
 
 

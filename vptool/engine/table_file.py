@@ -193,12 +193,11 @@ def resolve_row_recipe(text, table_path: Path, where: str) -> Path:
             p = folder / n
             if p.is_file():
                 return p
-    try:
-        from vptool.shipped import resolve_recipe  # the shipped recipes (wheel or source tree)
+    from vptool.shipped import shipped_recipes  # the shipped recipes (wheel or source tree)
 
-        return resolve_recipe(text)
-    except (ImportError, UserError):
-        pass
+    stem = text.removesuffix(".yaml").removesuffix(".yml")
+    if stem in shipped_recipes():
+        return shipped_recipes()[stem]
     raise UserError(f"{where}: {text!r} is neither a file next to {table_path} nor a shipped recipe (see "
                     "`vptool recipes ls`)")
 
