@@ -83,7 +83,8 @@ class Sweep:
         return self.procs.started
 
     def run(self, say=None) -> dict:
-        """Join the study (creating it), train grid points until every one has a result, write the reports.
+        """Join the study (creating it), train grid points until every one has a result (with ``wait`` False: until
+        none is left for this worker), write the reports.
 
         Args:
             say: ``f(line)`` for progress lines (default: stderr).
@@ -95,7 +96,8 @@ class Sweep:
             UserError: the storage cannot be opened, or the study holds a sweep over another grid or other
                 ``--set`` items (suggests ``--study NEW``).
             SweepStopped: SIGINT/SIGTERM (exit 130/143); the running trial was checkpointed and is enqueued again.
-            RunError: no grid point completed (every trial failed).
+            RunError: no grid point completed (every trial failed); not raised with ``wait`` False (``vptool table``
+                reads the counts itself).
         """
         optuna = require_optuna()
         if say is not None:
