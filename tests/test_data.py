@@ -37,10 +37,29 @@ def data_config(h: int, w: int | None = None, crop_pct: float = 1.0) -> dict:
                 interpolation="bilinear")
 
 
+#: one 8-bit level in normalised units: file images are resized on uint8 (torch's fixed-point kernel), so they are
+#: the exact resize rounded to 8 bits, give or take one level where the exact value sits near a half
+LEVEL = 1.0 / 255 / min(STD) + 1e-6
+
+
+def to_levels(x01: torch.Tensor) -> torch.Tensor:
+    """A [0, 1] image rounded to 8-bit levels (what a uint8 resize keeps)."""
+    return torch.round(x01.double() * 255).clamp(0, 255).float() / 255
+
+
 def expected(img_chw01: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Reference: bilinear antialiased resize of a [0, 1] (C, H, W) image, then (x - mean) / std."""
     x = F.interpolate(img_chw01[None].double(), size=size, mode="bilinear", antialias=True,
                       align_corners=False)[0]
+    m = torch.tensor(MEAN, dtype=torch.float64)[:, None, None]
+    s = torch.tensor(STD, dtype=torch.float64)[:, None, None]
+    return ((x - m) / s).float()
+
+
+def expected_file(img_chw01: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Reference for a file image: ``expected``'s resize rounded to 8-bit levels, then (x - mean) / std."""
+    x = to_levels(F.interpolate(img_chw01[None].double(), size=size, mode="bilinear", antialias=True,
+                                align_corners=False)[0]).double()
     m = torch.tensor(MEAN, dtype=torch.float64)[:, None, None]
     s = torch.tensor(STD, dtype=torch.float64)[:, None, None]
     return ((x - m) / s).float()
@@ -199,7 +218,7 @@ def test_imagefolder_without_val_holds_out_stratified_fraction(tmp_path, sk):
         for i in (0, len(paths) - 1):
             x, y = ds[i]
             assert y == CLASSES.index(paths[i].parent.name)
-            torch.testing.assert_close(x, expected(load_ref(paths[i]), (12, 12)), atol=1e-5, rtol=0)
+            torch.testing.assert_close(x, expected_file(load_ref(paths[i]), (12, 12)), atol=LEVEL, rtol=0)
 
 
 def test_imagefolder_holdout_is_seeded(tmp_path, sk):
@@ -223,7 +242,7 @@ def test_imagefolder_with_val_folder_uses_it(tmp_path, sk):
     p = sample_paths(splits.val)[-1]
     x, y = splits.val[len(splits.val) - 1]
     assert y == CLASSES.index(p.parent.name)
-    torch.testing.assert_close(x, expected(load_ref(p), (12, 12)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x, expected_file(load_ref(p), (12, 12)), atol=LEVEL, rtol=0)
 
 
 @pytest.mark.parametrize("split,other_classes", [
@@ -300,7 +319,9 @@ def test_imagefolder_corrupt_image_in_heldout_val(tmp_path, sk):
 
 
 def _ref_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    """A file image's resize: bilinear antialiased, rounded to 8-bit levels (the pipeline resizes uint8)."""
+    return to_levels(F.interpolate(x[None].double(), size=size, mode="bilinear", antialias=True,
+                                   align_corners=False)[0])
 
 
 def _ref_norm(x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +342,7 @@ def test_vtab_transform_square_resize_no_augmentation(h, w):
     want = _ref_norm(_ref_resize(x, (h, w)))
     torch.manual_seed(0)
     for tf in (train_tf, train_tf, eval_tf):
-        torch.testing.assert_close(tf(img), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(tf(img), want, atol=LEVEL, rtol=0)
 
 
 @pytest.mark.parametrize("h,w,crop_pct", [(16, 16, 0.875), (16, 16, 0.5), (12, 20, 0.875), (32, 32, 1.0)])
@@ -354,7 +375,7 @@ def test_fgvc_transforms(h, w, crop_pct):
     big = _ref_resize(x, (ph, pw))
     top, left = int(round((ph - h) / 2.0)), int(round((pw - w) / 2.0))
     want = _ref_norm(big[:, top:top + h, left:left + w])
-    torch.testing.assert_close(eval_tf(img), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(eval_tf(img), want, atol=LEVEL, rtol=0)
 
 
 def test_fgvc_eval_size_224():
@@ -394,5 +415,5 @@ def test_fgvc_imagefolder_splits(tmp_path, sk):
     pre = math.floor(12 * 256 / 224)  # 13
     big = _ref_resize(load_ref(p), (pre, pre))
     off = int(round((pre - 12) / 2.0))
-    torch.testing.assert_close(v, _ref_norm(big[:, off:off + 12, off:off + 12]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(v, _ref_norm(big[:, off:off + 12, off:off + 12]), atol=LEVEL, rtol=0)
     assert splits.val.targets == [CLASSES.index(q.parent.name) for q in sample_paths(splits.val)]

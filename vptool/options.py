@@ -41,6 +41,10 @@ Optimizer = Literal["sgd", "adamw"]
 LrScaling = Literal["none", "linear"]
 Precision = Literal["auto", "fp32", "bf16"]
 FeatureCache = Literal["auto", "off"]
+#: ``data.cache``: auto (decoded-image cache for file datasets, ``vptool.data.cache``) | off
+DataCache = Literal["auto", "off"]
+#: ``data.num_workers``: a count, or auto (``vptool.data.loading.resolve_num_workers``)
+NumWorkers = typing.Union[int, Literal["auto"]]
 #: the backbone families, each one file ``vptool/prompting/families/<name>.py``, with the checkpoint formats it
 #: converts (register a new family here: one line; ``vptool.prompting.families``)
 BACKBONE_FAMILIES = {"vit": ("timm", "mae", "mocov3", "mocov3-linear", "jax-npz"), "beit": ("beitv2-pretrain",),

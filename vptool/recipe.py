@@ -28,6 +28,7 @@ from vptool.errors import RecipeError, UserError
 from vptool.options import (
     BackboneFormat,
     Blocks,
+    DataCache,
     FeatureCache,
     GateKind,
     HeadInit,
@@ -38,6 +39,7 @@ from vptool.options import (
     LocationForm,
     LrScaling,
     MaskToken,
+    NumWorkers,
     Optimizer,
     Precision,
     PromptInit,
@@ -106,7 +108,11 @@ class DataConfig:
                                           "before the data is on disk)")
     batch_size: int = _f(64, "training batch size B")
     eval_batch_size: int = _f(256, "evaluation batch size")
-    num_workers: int = _f(0, "DataLoader worker processes")
+    num_workers: NumWorkers = _f(0, "DataLoader worker processes per process, or auto: 0 for digits and splits under "
+                                    "512 images, else min(8, CPUs per local rank - 1) (vptool.data.loading)")
+    cache: DataCache = _f("auto", "auto: file datasets (imagefolder, cub200, fgvc-json, vtab-1k) decode each "
+                                  "training and validation image once, resized, as uint8 in memory or "
+                                  "RUN/.image_cache/ (vptool.data.cache) | off")
 
 
 @dataclass
@@ -275,8 +281,16 @@ def _check(tp, value, path: str, errors: list[str]):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check(inner, value, path, errors)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _check(inner[0], value, path, errors)
+        for one in inner:  # several types (data.num_workers: int or 'auto'): the first that takes the value
+            scratch: list[str] = []
+            got = _check(one, value, path, scratch)
+            if not scratch:
+                return got
+        errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {short_repr(value)}")
+        return None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, errors)
     if tp is Blocks:

@@ -100,7 +100,7 @@ def _range_problems(r) -> list[str]:
                            ("data.eval_batch_size", r.data.eval_batch_size, 1),
                            ("data.num_workers", r.data.num_workers, 0),
                            ("train.warmup_epochs", r.train.warmup_epochs, 0), ("head.dim", r.head.dim, 1)):
-        if value < lo:
+        if not isinstance(value, str) and value < lo:  # data.num_workers may be 'auto'
             e.append(f"{key}: {value} is below the minimum {lo}")
     if r.train.warmup_epochs >= r.train.epochs and r.train.epochs >= 1:
         e.append(f"train.warmup_epochs: {r.train.warmup_epochs} must be below train.epochs ({r.train.epochs})")

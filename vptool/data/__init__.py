@@ -64,6 +64,10 @@ def build_transforms(data_config: dict, train_transform: str, from_pil: bool):
     and centre crops the input size. For a non-square input size (H, W) the evaluation resize is to
     (floor(H * 256 / 224), floor(W * 256 / 224)). Both end with normalisation by the config's mean and std.
 
+    For PIL inputs the geometry runs on the uint8 image (``ToImage``, resize / crop / flip), then
+    ``ToDtype(float32, scale=True)`` and the normalisation; each transform carries a ``vptool.data.cache.CacheForm``
+    (``vptool_cache``) saying which ops the decoded-image cache may do once (``data.cache``).
+
     Args:
         data_config: timm data config (``input_size`` (3, H, W), ``mean``, ``std``).
         train_transform: ``vtab`` or ``fgvc``.
@@ -79,19 +83,37 @@ def build_transforms(data_config: dict, train_transform: str, from_pil: bool):
         raise UserError(f"data.train_transform: {train_transform!r} is not one of {', '.join(TRAIN_TRANSFORMS)} "
                         "(vtab: resize; fgvc: random resized crop + flip)")
     size = tuple(int(s) for s in data_config["input_size"][1:])
-    head = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)] if from_pil else []
     norm = v2.Normalize(mean=list(data_config["mean"]), std=list(data_config["std"]))
-    if train_transform == "fgvc":
-        num, den = FGVC_RESIZE_RATIO
-        train = v2.Compose(head + [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), norm])
-        pre = size[0] * num // den if size[0] == size[1] else tuple(s * num // den for s in size)
-        evaluate = v2.Compose(head + [v2.Resize(pre, antialias=True), v2.CenterCrop(size), norm])
-    else:
-        train = v2.Compose(head + [v2.Resize(size, antialias=True), norm])
-        evaluate = train
+    num, den = FGVC_RESIZE_RATIO
+    pre = size[0] * num // den if size[0] == size[1] else tuple(s * num // den for s in size)
+    if not from_pil:  # digits: float tensors in [0, 1] already
+        if train_transform == "fgvc":
+            train = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), norm])
+            evaluate = v2.Compose([v2.Resize(pre, antialias=True), v2.CenterCrop(size), norm])
+        else:
+            train = evaluate = v2.Compose([v2.Resize(size, antialias=True), norm])
+    else:  # PIL: the geometry on uint8 (as PIL-based pipelines do), then to float and normalised
+        from vptool.data.cache import CacheForm
+
+        tail = [v2.ToDtype(torch.float32, scale=True), norm]
+        if train_transform == "fgvc":
+            crop = v2.RandomResizedCrop(size, antialias=True)
+            geometry = [v2.Resize(pre, antialias=True), v2.CenterCrop(size)]
+            train = v2.Compose([v2.ToImage(), crop, v2.RandomHorizontalFlip(), *tail])
+            train.vptool_cache = CacheForm(pre=[], post=train.transforms[1:], shrink=max(_as_pair(pre)), crop=crop)
+            evaluate = v2.Compose([v2.ToImage(), *geometry, *tail])
+            evaluate.vptool_cache = CacheForm(pre=geometry, post=tail, size=size)
+        else:
+            geometry = [v2.Resize(size, antialias=True)]
+            train = evaluate = v2.Compose([v2.ToImage(), *geometry, *tail])
+            train.vptool_cache = CacheForm(pre=geometry, post=tail, size=size)
     train.vptool_deterministic = train_transform != "fgvc"  # vptool.data.files.is_deterministic
     evaluate.vptool_deterministic = True
     return train, evaluate
+
+
+def _as_pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _image_folder(root: Path, transform):
@@ -250,8 +272,10 @@ def build_splits(data, data_config: dict, train_eval_transform: bool = False) ->
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
                 pin_memory: bool, sampler=None) -> DataLoader:
-    """A DataLoader with a seeded shuffle order (``torch.Generator``) and pinned memory on CUDA; ``sampler``
-    (e.g. the training loop's resumable ``TrainSampler``) replaces the shuffle."""
+    """A DataLoader with a seeded shuffle order (``torch.Generator``, which also seeds the workers' RNGs) and
+    pinned memory on CUDA (the loops copy batches to the device with ``non_blocking=True``); ``sampler`` (e.g. the
+    training loop's resumable ``TrainSampler``) replaces the shuffle. Workers (``num_workers`` > 0: a count
+    ``vptool.data.loading.num_workers`` resolved) persist from one pass over the loader to the next."""
     import torch
     from torch.utils.data import DataLoader
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vptool.data import make_loader
+from vptool.data.loading import num_workers
 from vptool.engine.runtime import autocast, autocast_dtype, resolve_device
 from vptool.engine.setup import Setup
 from vptool.errors import UserError
@@ -88,7 +89,7 @@ def eval_loader(setup: Setup, recipe: Recipe, split: str) -> DataLoader:
     ds = setup.splits[split]
     job = dist.context()
     sampler = DistributedSampler(ds, num_replicas=job.world, rank=job.rank, shuffle=False) if job.active else None
-    return make_loader(ds, recipe.data.eval_batch_size, shuffle=False, num_workers=recipe.data.num_workers,
+    return make_loader(ds, recipe.data.eval_batch_size, shuffle=False, num_workers=num_workers(recipe.data, len(ds)),
                        seed=recipe.seed, pin_memory=setup.device.type == "cuda", sampler=sampler)
 
 

@@ -28,6 +28,7 @@ from torch.utils.data import Subset
 import vptool
 from vptool.backbones.build import BackboneInfo, build_backbone
 from vptool.data import build_splits, make_loader
+from vptool.data.loading import num_workers
 from vptool.engine.runtime import autocast, autocast_dtype, resolve_device, seed_everything
 from vptool.errors import UserError
 from vptool.paths import check_new_file
@@ -238,8 +239,9 @@ def _kmeans_prompts(recipe: Recipe, spec: InitSpec, plain: PromptedViT, train, o
     Np = recipe.prompt.length
     count = max(1, round(spec.fraction * len(train)))
     subset = Subset(train, order[:count][job.rank::job.world].tolist())
-    loader = make_loader(subset, recipe.data.eval_batch_size, shuffle=False, num_workers=recipe.data.num_workers,
-                         seed=spec.seed, pin_memory=device.type == "cuda")
+    loader = make_loader(subset, recipe.data.eval_batch_size, shuffle=False,
+                         num_workers=num_workers(recipe.data, len(subset)), seed=spec.seed,
+                         pin_memory=device.type == "cuda")
     centres, inertia, km, extract_s, kmeans_s = stream_kmeans(plain, loader, unique, Np, spec.seed, device, amp,
                                                                spec.form, obs)
     per_level = {t: centres[j].cpu() for j, t in enumerate(unique)}

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import vptool
 from vptool.adapter import CONFIG_NAME, write_config
 from vptool.data import make_loader
-from vptool.engine import dist, features, runstate
+from vptool.data.loading import num_workers
+from vptool.engine import dist, features, images, runstate
 from vptool.engine.evaluate import eval_loader, method_report, predict, topk_accuracy
 from vptool.engine.probe import save_snapshot
 from vptool.engine.runstate import (
@@ -145,8 +146,13 @@ class Fit:
         self.N, self.B = len(splits.train), d.batch_size
         W = self.W
         self.sampler = TrainSampler(self.N, recipe.seed, W, job.rank)
+        self.cached, why_not = features.decide(recipe, model)  # nothing before the head trains: features once
+        self.image_sets: dict = {}  # file datasets whose images are decoded once (``build_cache``)
+        if not self.cached:
+            splits, self.image_sets = images.wrap(recipe, splits)
+            self.splits = setup.splits = splits
         self.train_loader = make_loader(WeightedSplit(splits.train), self.B // W, shuffle=False,
-                                        num_workers=d.num_workers, seed=recipe.seed + job.rank,
+                                        num_workers=num_workers(d, self.N), seed=recipe.seed + job.rank,
                                         pin_memory=device.type == "cuda", sampler=self.sampler)
         self.val_loader = eval_loader(setup, recipe, "val")
         self.params = model.trainable_parameters()
@@ -160,7 +166,6 @@ class Fit:
 
         self.factor = factor
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.cached, why_not = features.decide(recipe, model)  # nothing before the head trains: features once
         if why_not:
             obs.note(why_not)
         self.head = features.FeatureHead(model) if self.cached else None
@@ -176,6 +181,7 @@ class Fit:
         self.start_epoch, self.start_step = 1, 0
         self.lr: float | None = None  # the last step's lr, carried from epoch to epoch (train_epochs)
         self.cache = None
+        self.images = None
         self.loggers = _NoLoggers()  # ``fit`` opens the recipe's ``log`` section on rank 0
 
     def _forwards(self, compile_: bool) -> None:
@@ -276,7 +282,17 @@ class Fit:
 
     # ------------------------------------------------------------------------------------------- data
     def build_cache(self, cleanup) -> None:
-        """The frozen features of train and val, once (``features.build``), when the feature cache is on."""
+        """The decoded images of train and val, once (``images.build``), for a file dataset; or the frozen
+        features of train and val, once (``features.build``), when the feature cache is on."""
+        if self.image_sets and self.start_epoch <= self.epochs:
+            self.images = images.build(self.recipe, self.image_sets, self.run, self.job.rank, self.obs)
+            if cleanup is not None:
+                cleanup.callback(self.images.close)  # a failed or stopped run removes a file-backed cache too
+            signum = self.stop_agreed()
+            if signum:
+                self.images.close()
+                self.checkpoint(self.start_epoch - 1, self.start_step)
+                raise self.stopped("while caching the images", signum)
         if not (self.cached and self.start_epoch <= self.epochs):
             return
         setup, recipe = self.setup, self.recipe
@@ -433,6 +449,8 @@ class Fit:
         model, setup, recipe, best = self.model, self.setup, self.recipe, self.best
         if self.cache is not None:
             self.cache.close()
+        if self.images is not None:  # the test split is read once, uncached
+            self.images.close()
         model.load_adapter_state_dict(self.best_state)
         test_loader = eval_loader(setup, recipe, "test")
         self.obs.eval_start("test", len(test_loader))

@@ -251,6 +251,7 @@ def run_probe(target: ProbeTarget, split: str = "train", max_images: int | None 
     """
     from vptool.analysis import plots
     from vptool.data import make_loader
+    from vptool.data.loading import num_workers
 
     t0 = time.time()
     setup, recipe = target.setup, target.recipe
@@ -258,7 +259,7 @@ def run_probe(target: ProbeTarget, split: str = "train", max_images: int | None 
         raise UserError("--history: needs a run directory (runs/NAME), not a recipe")
     snapshots = list_snapshots(target.path) if history else None
     ds = probe_images(target, split, max_images)
-    loader = make_loader(ds, recipe.data.eval_batch_size, shuffle=False, num_workers=recipe.data.num_workers,
+    loader = make_loader(ds, recipe.data.eval_batch_size, shuffle=False, num_workers=num_workers(recipe.data, len(ds)),
                          seed=recipe.seed, pin_memory=setup.device.type == "cuda")
     model = setup.model
     L = len(model.backbone.blocks)
@@ -348,6 +349,7 @@ def run_compare(run_dirs: list[Path], split: str = "train", max_images: int | No
     """
     from vptool.analysis import plots
     from vptool.data import make_loader
+    from vptool.data.loading import num_workers
 
     t0 = time.time()
     runs, ref, n_images, L = [], None, 0, 0
@@ -365,7 +367,7 @@ def run_compare(run_dirs: list[Path], split: str = "train", max_images: int | No
             raise UserError(f"--compare: {run} differs from {ref[0]} in {', '.join(diff)}; compare runs on the "
                             "same backbone and data")
         ds = probe_images(target, split, max_images, seed=seed)
-        loader = make_loader(ds, r.data.eval_batch_size, shuffle=False, num_workers=r.data.num_workers,
+        loader = make_loader(ds, r.data.eval_batch_size, shuffle=False, num_workers=num_workers(r.data, len(ds)),
                              seed=seed, pin_memory=target.setup.device.type == "cuda")
         _obs_start(observer, f"NMI per epoch: {Path(run).name}", len(loader) * len(snapshots))
         epochs, means, stds, sats = history_values(target.setup.model, loader, target.setup.device, snapshots,

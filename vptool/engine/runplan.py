@@ -52,8 +52,8 @@ def check_run_inputs(final: Path, recipe: Recipe, recipe_file: str | Path | None
     refuse_inputs("output.dir/output.name", final, reads)
 
 
-_RESUME_FREE = {"train.epochs", "train.feature_cache", "output.save_every_steps", "output.dir", "output.name",
-                "log.tensorboard", "log.mlflow", "log.mlflow_experiment"}
+_RESUME_FREE = {"train.epochs", "train.feature_cache", "data.num_workers", "output.save_every_steps", "output.dir",
+                "output.name", "log.tensorboard", "log.mlflow", "log.mlflow_experiment"}
 
 
 #: keys whose ``auto`` is resolved into recipe.yaml when the run starts (``setup.resolve_auto``)

@@ -328,7 +328,7 @@ def inspect_run(run: Path) -> RunState:
 
 #: what a run directory holds before its first finished epoch: recomputed by a fresh start (nothing to keep)
 _START_FILES = {"recipe.yaml", "checkpoints", "metrics.jsonl", "prompt_init.safetensors", ".feature_cache",
-                "prompt_history"}
+                ".image_cache", "prompt_history"}
 
 
 def _is_temp(name: str) -> bool:

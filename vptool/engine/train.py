@@ -34,6 +34,9 @@ Run directory contract (stable; other tools read it):
   ``mlflow_run_id`` (``log.mlflow``): the MLflow run a resumed run continues (``vptool.engine.loggers``).
 - ``.feature_cache/`` only while a head-only run trains on cached features too big for memory
   (``vptool.engine.features``): removed when training ends, and by the next attempt after a kill.
+- ``.image_cache/`` only while a file dataset's decoded train and val images (``data.cache: auto``) are too big
+  for memory (``vptool.engine.images``): removed when training ends; the next attempt after a kill reuses a
+  split's folder whose key (images, their sizes and mtimes, the transform) matches and removes the rest.
 """
 
 from __future__ import annotations
