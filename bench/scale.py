@@ -117,14 +117,141 @@ def memory_part(args) -> dict:
     times = {k: [rows[k][i]["step_s"] / rows["A"][i]["step_s"] for i in range(args.repeats)] for k in SETTINGS}
     print("\nsetting                          peak GiB   peak / A   step s   step / A (median of rounds)")
     for k, (ckpt, dtype) in SETTINGS.items():
-        print(f"{k} checkpointing {ckpt:<3} frozen {dtype:<5}  {statistics.median(r['peak_bytes'] for r in rows[k]) / 2**30:8.3f}"
-              f"   {statistics.median(ratios[k]):7.3f}   {statistics.median(r['step_s'] for r in rows[k]):6.2f}"
-              f"   {statistics.median(times[k]):7.3f}")
+        peak = statistics.median(r["peak_bytes"] for r in rows[k]) / 2**30
+        step = statistics.median(r["step_s"] for r in rows[k])
+        print(f"{k} checkpointing {ckpt:<3} frozen {dtype:<5}  {peak:8.3f}   {statistics.median(ratios[k]):7.3f}   "
+              f"{step:6.2f}   {statistics.median(times[k]):7.3f}")
     d, b = statistics.median(ratios["D"]), statistics.median(times["B"])
     print(f"target: D peak <= 0.35 x A: {d:.3f} ({'met' if d <= 0.35 else 'NOT met'}); "
           f"B step <= 1.4 x A: {b:.3f} ({'met' if b <= 1.4 else 'NOT met'})")
     return {"rows": rows, "peak_ratio_median": {k: statistics.median(v) for k, v in ratios.items()},
             "time_ratio_median": {k: statistics.median(v) for k, v in times.items()}}
+
+
+# --------------------------------------------------------------------------------------------------- data
+IMAGES, SIZE = 2000, (500, 375)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def write_jpegs(root: Path, n: int = IMAGES, classes: int = 20) -> Path:
+    """``root/{train,val,test}/<class>/*.jpg``: ``n`` training JPEGs of 500x375 (smooth random content, quality 90,
+    about CUB's sizes) and 2 per class in val and test; written once (reused when complete)."""
+    import numpy as np
+    from PIL import Image
+
+    done = root / "done"
+    if done.is_file():
+        return root
+    rng = np.random.default_rng(0)
+    plan = [("train", i) for i in range(n)] + [(s, i) for s in ("val", "test") for i in range(2 * classes)]
+    for split, i in plan:
+        folder = root / split / f"c{i % classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        Image.fromarray(small).resize(SIZE, Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+    done.write_text("ok")
+    return root
+
+
+def _recipe(root: Path, workers: str, cache: str, batch: int):
+    from vptool.recipe import resolve
+
+    raw = {"method": "vpt-deep", "seed": 0, "backbone": {"name": "vit_base_patch16_224", "pretrained": False},
+           "data": {"dataset": "imagefolder", "root": str(root), "train_transform": "fgvc", "batch_size": batch,
+                    "num_workers": workers if workers == "auto" else int(workers), "cache": cache}}
+    return resolve(raw, {}, source="bench/scale.py")
+
+
+def _loader_rate(root: Path, workers: str, cache: str, batches: int, work: Path) -> dict:
+    """(seconds to build the cache, images/s over ``batches`` batches of the training loader, busy cores)."""
+    import torch
+
+    from vptool.data.loading import num_workers
+    from vptool.engine.images import training_loader
+
+    recipe = _recipe(root, workers, cache, 32)
+    t0 = time.perf_counter()
+    loader, caches = training_loader(recipe, {"input_size": (3, 224, 224), "mean": MEAN, "std": STD}, work)
+    build = time.perf_counter() - t0
+    try:
+        it, seen = iter(loader), 0
+        x, *_ = next(it)  # the workers' start-up is not the pipeline's rate
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            try:
+                x, *_ = next(it)
+            except StopIteration:
+                break
+            seen += x.shape[0]
+        rate = seen / (time.perf_counter() - t0)
+        assert x.dtype == torch.float32 and tuple(x.shape[1:]) == (3, 224, 224)
+    finally:
+        if caches is not None:
+            caches.close()
+    n = num_workers(recipe.data, IMAGES)
+    return {"cache_build_s": build, "images_per_s": rate, "workers": n, "cores": max(1, min(n, os.cpu_count()))}
+
+
+def _train_rate(device: str, steps: int = 3) -> float:
+    """Images/s one ViT-B/16 VPT-deep (Np 50) train step at 224 px, batch 32, consumes (median over steps)."""
+    import torch
+    import torch.nn.functional as F
+
+    from vptool.backbones.build import build_backbone
+    from vptool.config import ModelConfig
+    from vptool.prompting.model import PromptedViT
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("vit_base_patch16_224", pretrained=False)
+    model = PromptedViT(backbone, ModelConfig(num_classes=20, prompt_mode="deep", prompt_length=50,
+                                              readout_pool="cls", readout_norm="pretrained"),
+                        generator=torch.Generator().manual_seed(1)).to(dev).train()
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=1e-3, momentum=0.9)
+    x, y = torch.randn(32, 3, 224, 224, device=dev), torch.randint(0, 20, (32,), device=dev)
+    amp = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 32 / statistics.median(times[1:])
+
+
+def data_part(args) -> dict:
+    """Part 2 (module docstring): the loader's images/s in four settings, interleaved, and the train step's."""
+    import tempfile
+
+    root = write_jpegs(Path(args.data))
+    settings = {"0/off": ("0", "off"), "0/cache": ("0", "auto"), "auto/off": ("auto", "off"),
+                "auto/cache": ("auto", "auto")}
+    rows = {k: [] for k in settings}
+    batches = 4 if args.quick else 30  # after the first batch (with workers, 2 per worker may be prefetched)
+    with tempfile.TemporaryDirectory() as work:
+        for r in range(args.repeats):
+            for key, (workers, cache) in settings.items():
+                res = _loader_rate(root, workers, cache, batches, Path(work))
+                rows[key].append(res)
+                print(f"round {r + 1} workers {workers:<4} cache {cache:<4}: {res['images_per_s']:8.1f} images/s "
+                      f"({res['workers']} workers; cache built in {res['cache_build_s']:.1f} s)", flush=True)
+    per_core = {k: [x["images_per_s"] / x["cores"] for x in v] for k, v in rows.items()}
+    ratio = [a / b for a, b in zip(per_core["0/cache"], per_core["0/off"])]
+    train = _train_rate(args.device, steps=1 if args.quick else 3)
+    auto = statistics.median(x["images_per_s"] for x in rows["auto/cache"])
+    print("\nsetting        images/s   per core   (median of rounds)")
+    for k in settings:
+        print(f"{k:<12} {statistics.median(x['images_per_s'] for x in rows[k]):10.1f} "
+              f"{statistics.median(per_core[k]):10.1f}")
+    print(f"cached / uncached images/s per core (workers 0): median of rounds {statistics.median(ratio):.2f} "
+          f"(target >= 4)")
+    print(f"one ViT-B/16 VPT-deep train step consumes {train:.1f} images/s on {args.device}; the auto-workers cached "
+          f"pipeline gives {auto:.1f} ({'the model' if auto >= train else 'the loader'} is the bottleneck)")
+    return {"rows": rows, "cached_per_core_ratio_median": statistics.median(ratio), "train_images_per_s": train}
 
 
 # --------------------------------------------------------------------------------------------------- entry
