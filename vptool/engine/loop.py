@@ -164,7 +164,7 @@ class Fit:
         if why_not:
             obs.note(why_not)
         self.head = features.FeatureHead(model) if self.cached else None
-        self._forwards(t.compile)
+        self._forwards(t.compile is True or (t.compile == "auto" and self.device.type == "cuda"))
         self.adapter_meta = {"vptool_version": vptool.__version__, "method": recipe.method,
                              "backbone": setup.backbone.name}
         self.adapter_path, self.metrics_path = run / "adapter.safetensors", run / "metrics.jsonl"
