@@ -141,3 +141,30 @@ def test_full_fine_tune_with_bf16_weights_is_refused_in_one_line(tmp_path):
     assert res.exit_code == 2, res.output
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "backbone.dtype" in lines[0], res.stderr
+
+
+#: families that run their own forward (the whole backbone's weights upcast around it on the CPU)
+OWN_FORWARD = {
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=4, embed_dim=8, depths=(2,),
+                                                  num_heads=(2,), window_size=4), dict(prompt_mode="deep")),
+    "resnet": ("resnet18", {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8,
+                            "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}},
+               dict(prompt_mode="shallow", prompt_location="pad")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OWN_FORWARD))
+def test_families_with_their_own_forward_run_on_bf16_weights(family):
+    name, kwargs, kw = OWN_FORWARD[family]
+    torch.manual_seed(0)
+    bb, _ = build_backbone(name, pretrained=False, kwargs=kwargs)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    logits = []
+    for dtype in ("fp32", "bf16"):
+        c = ModelConfig(num_classes=5, prompt_length=2, readout_pool="avg", backbone_dtype=dtype, **kw)
+        model = PromptedViT(copy.deepcopy(bb), c, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits.append(model.eval()(x))
+    assert {p.dtype for p in model.backbone.parameters()} == {torch.bfloat16}
+    n = sum(1 for _ in bb.parameters())  # the rounded tensors, all on the path to the logits
+    assert 0 < rel_err(logits[1], logits[0]) <= n ** 0.5 * U  # the module doc's argument
