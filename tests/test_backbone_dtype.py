@@ -168,3 +168,42 @@ def test_families_with_their_own_forward_run_on_bf16_weights(family):
     assert {p.dtype for p in model.backbone.parameters()} == {torch.bfloat16}
     n = sum(1 for _ in bb.parameters())  # the rounded tensors, all on the path to the logits
     assert 0 < rel_err(logits[1], logits[0]) <= n ** 0.5 * U  # the module doc's argument
+
+
+def test_backward_keeps_the_stored_weights_not_fp32_copies(vit, monkeypatch):
+    """In training (no checkpointing) what autograd saves of an upcast weight is the stored bf16 tensor, upcast
+    again in the backward pass: gradients equal those of a run that keeps the fp32 copies."""
+    from vptool.prompting import lowp
+
+    def grads(model):
+        model.train()
+        torch.manual_seed(3)
+        torch.nn.functional.cross_entropy(model(images()), torch.arange(8) % 5).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    _, model = pair(vit)
+    packed, kept = [], []
+    real = lowp._saved_as_stored
+
+    def watching(stored):
+        hooks = real(stored)
+        pack, unpack = hooks.pack_hook, hooks.unpack_hook
+
+        def watched_pack(t):
+            out = pack(t)
+            (packed if isinstance(out, tuple) else kept).append(out)
+            return out
+
+        return torch.autograd.graph.saved_tensors_hooks(watched_pack, unpack)
+
+    monkeypatch.setattr(lowp, "_saved_as_stored", watching)
+    with_hooks = grads(model)
+    assert packed and all(p[0].dtype == torch.bfloat16 for p in packed)  # qkv, proj, fc1, fc2, norms: kept bf16
+    shapes = {s for p in model.backbone.parameters() for s in (p.shape, p.t().shape if p.dim() == 2 else p.shape)}
+    assert not [t for t in kept if t.dtype == torch.float32 and t.shape in shapes]  # no fp32 weight kept
+    monkeypatch.setattr(lowp, "_saved_as_stored", lambda stored: torch.autograd.graph.saved_tensors_hooks(
+        lambda t: t, lambda t: t))  # the fp32 copies kept as they are
+    _, plain = pair(vit)
+    without = grads(plain)
+    assert with_hooks.keys() == without.keys()
+    assert all(torch.equal(with_hooks[n], without[n]) for n in with_hooks)

@@ -298,11 +298,12 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
         if hasattr(self, "config"):
             self.config = self.config.replace(backbone_dtype=name)
 
-    def computing(self, part: nn.Module | None = None):
+    def computing(self, part: nn.Module | None = None, saved_low: bool = True):
         """Context in which ``part`` of the backbone (default: all of it but its blocks) computes with its stored
-        low-precision weights upcast (``vptool.prompting.lowp.upcast``); a no-op for fp32 weights."""
+        low-precision weights upcast (``vptool.prompting.lowp.upcast``; ``saved_low``: autograd saves the stored
+        weights, not the copies); a no-op for fp32 weights."""
         if part is not None:
-            return upcast(part, self.backbone_low_dtype)
+            return upcast(part, self.backbone_low_dtype, saved_low=saved_low)
         blocks = getattr(self.backbone, "blocks", None)
         skip = (blocks,) if isinstance(blocks, nn.Module) and not self.family.owns_forward else ()
         return upcast(self.backbone, self.backbone_low_dtype, skip)
@@ -411,18 +412,19 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(blocks[:last + 1]):
             if recompute:  # the block's activations are recomputed in backward, the prompt dropout masks too
-                h, order = torch.utils.checkpoint.checkpoint(self._block, step, i, blk, h, order, use_reentrant=False,
-                                                             preserve_rng_state=True)
+                h, order = torch.utils.checkpoint.checkpoint(self._block, step, i, blk, h, order, False,
+                                                             use_reentrant=False, preserve_rng_state=True)
             else:
                 h, order = self._block(step, i, blk, h, order)
             yield i, h, order, N
 
-    def _block(self, step: BlockStep, i: int, blk: nn.Module, h: torch.Tensor, order: str):
+    def _block(self, step: BlockStep, i: int, blk: nn.Module, h: torch.Tensor, order: str, saved_low: bool = True):
         """Block i: the prompt location's (``LocationUnit.block``: the prompt mode's ``PromptModeUnit.block``, or
         ``add``'s sets added to the rows), with its weights upcast where stored in low precision. Everything it
-        reads is set here, so activation checkpointing can run it again in the backward pass."""
+        reads is set here, so activation checkpointing can run it again in the backward pass (which saves nothing
+        inside the block: ``saved_low`` False)."""
         step.state["i"] = i
-        with self.computing(blk):
+        with self.computing(blk, saved_low):
             return self.location.block(self, step, i, blk, h, order)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,9 @@ parameters are replaced by compute-dtype copies, and the stored ones put back on
 - Under an autocast whose dtype is the storage dtype (bf16 weights under ``train.precision`` bf16 on CUDA, the
   fast path) nothing is copied: autocast runs matmuls in bf16 and promotes what it computes in fp32 (norms).
 - Everywhere else (the CPU, where bf16 matmuls without AVX-512 bf16 are ~100x slower, or fp32 compute on CUDA)
-  the weights are upcast to fp32 one block at a time, so results equal an fp32 run on the rounded weights. In
-  inference only one block's fp32 copy exists at a time; in training autograd keeps the copies a block's
-  backward needs until that backward, unless activation checkpointing recomputes the block (then one block's
-  copies at a time again).
+  the weights are upcast to fp32 one block at a time, so results equal an fp32 run on the rounded weights, and
+  only one block's fp32 copy exists at a time: what autograd saves of a copy for the backward pass is saved as
+  the stored tensor (saved-tensor hooks) and upcast again when that block's backward runs.
 """
 
 from __future__ import annotations
@@ -49,9 +48,14 @@ def _compute_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype | N
 
 
 @contextlib.contextmanager
-def upcast(module: nn.Module, low: torch.dtype | None, skip: tuple[nn.Module, ...] = ()):
+def upcast(module: nn.Module, low: torch.dtype | None, skip: tuple[nn.Module, ...] = (), saved_low: bool = True):
     """Inside the context, ``module``'s parameters stored in ``low`` are fp32 copies (see the module doc);
-    ``skip``'s subtrees are left as stored. A no-op for ``low`` None (fp32 storage) or under ``low`` autocast."""
+    ``skip``'s subtrees are left as stored. A no-op for ``low`` None (fp32 storage) or under ``low`` autocast.
+
+    With ``saved_low`` (and grad enabled) what autograd saves of a copy for the backward pass (a weight, or a view
+    of it such as ``W.t()``) is saved as the stored low-precision tensor and upcast again when the backward needs
+    it, so no fp32 copy outlives the context. Off inside an activation checkpoint, which saves nothing anyway.
+    """
     if low is None:
         yield
         return
@@ -68,11 +72,44 @@ def upcast(module: nn.Module, low: torch.dtype | None, skip: tuple[nn.Module, ..
                 continue
             m._parameters[name] = nn.Parameter(p.to(to), requires_grad=False)
             swapped.append((m, name, p))
+    hooks = contextlib.nullcontext()
+    if swapped and saved_low and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        hooks = _saved_as_stored({_storage(m._parameters[name]): p for m, name, p in swapped})
     try:
-        yield
+        with hooks:
+            yield
     finally:
         for m, name, p in swapped:
             m._parameters[name] = p
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage, or None where it has none worth matching (meta, fake or zero-sized)."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return ptr or None
+
+
+def _saved_as_stored(stored: dict[int, torch.Tensor]):
+    """Saved-tensor hooks: a saved tensor living in the storage of an fp32 copy (keys: ``_storage`` of each copy)
+    is packed as the stored tensor it was copied from plus the view's geometry, and unpacked by upcasting again."""
+
+    def pack(t: torch.Tensor):
+        ptr = _storage(t)
+        src = stored.get(ptr) if ptr is not None else None
+        if src is None or t.device != src.device:
+            return t
+        return (src, t.dtype, t.size(), t.stride(), t.storage_offset())
+
+    def unpack(packed):
+        if isinstance(packed, tuple):
+            src, dtype, size, stride, offset = packed
+            return src.to(dtype).as_strided(size, stride, offset)
+        return packed
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def stored_bytes(module: nn.Module) -> int:
