@@ -207,3 +207,12 @@ def test_backward_keeps_the_stored_weights_not_fp32_copies(vit, monkeypatch):
     without = grads(plain)
     assert with_hooks.keys() == without.keys()
     assert all(torch.equal(with_hooks[n], without[n]) for n in with_hooks)
+
+
+def test_forward_intermediates_with_the_final_norm_on_bf16_weights(vit):
+    fp32, bf16 = pair(vit)
+    with torch.no_grad():
+        want = fp32.forward_intermediates(images(2), norm=True, intermediates_only=True)
+        got = bf16.forward_intermediates(images(2), norm=True, intermediates_only=True)
+    assert len(got) == len(want) == len(vit.blocks)
+    assert all(rel_err(g, w) <= tolerance(len(vit.blocks)) for g, w in zip(got, want))

@@ -101,6 +101,9 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
         eval_transform: ``vtab`` or ``fgvc``: the evaluation transform ``predict`` applies (``set_data_config``).
         data_config: input size, mean and std in timm's form (also ``pretrained_cfg``, so
             ``timm.data.resolve_model_data_config(model)`` gives them).
+        activation_checkpointing: recompute each block in the backward pass (``ModelConfig``; may be set at any
+            time). Training with grad only; Swin and the ConvNets refuse it.
+        backbone_low_dtype: the frozen backbone weights' storage dtype (``store_backbone``), None for fp32.
         backbone_config: how to rebuild the backbone (name, kwargs, checkpoint, sha256, seed), or None for a
             backbone vptool did not build.
         adapter_info: provenance for ``save_pretrained``'s model card (method, dataset, metrics, recipe).
@@ -192,9 +195,6 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
         if c.activation_checkpointing and self.family.owns_forward:
             raise UserError(f"train.activation_checkpointing: the {self.family.name} family runs its own forward, "
                             "which vptool does not checkpoint; use off (or auto)")
-        if c.backbone_dtype != "fp32" and c.tune == "all":
-            raise UserError(f"backbone.dtype: {c.backbone_dtype} stores the frozen backbone in low precision but "
-                            "train.tune all trains it; use backbone.dtype fp32 (or auto)")
         if c.readout_pool == "prompt" and not self.mode.has_prompts:
             raise UserError("readout.pool: 'prompt' pools the prompt tokens; prompt.mode none has none; use cls or "
                             "avg")
@@ -362,7 +362,8 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding + position embedding + prefix tokens (the family's ``embed``, through the prompt
         location's pixels where it has some: ``concat-channel``, ``pad``): (B, 3, H, W) -> (B, n_prefix + N, D)."""
-        return self.location.embed(self, x)
+        with self.computing():  # weights stored in bf16 (backbone.dtype) are upcast around it
+            return self.location.embed(self, x)
 
     def temperatures(self) -> torch.Tensor | None:
         """tau (L,) clamped to the allowed range, or None when the temperature is fixed."""
@@ -395,8 +396,7 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
                             "use a ViT or BEiT backbone")
         blocks = self.backbone.blocks
         last = len(blocks) - 1 if last is None else last
-        with self.computing():
-            tok = self.embed(x)
+        tok = self.embed(x)
         B = tok.shape[0]
         N = tok.shape[1] - self.num_prefix_tokens
         parts = {"C": tok[:, :self.num_prefix_tokens], "X": tok[:, self.num_prefix_tokens:]}
