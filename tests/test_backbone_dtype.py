@@ -216,3 +216,20 @@ def test_forward_intermediates_with_the_final_norm_on_bf16_weights(vit):
         got = bf16.forward_intermediates(images(2), norm=True, intermediates_only=True)
     assert len(got) == len(want) == len(vit.blocks)
     assert all(rel_err(g, w) <= tolerance(len(vit.blocks)) for g, w in zip(got, want))
+
+
+def test_dry_run_reports_the_smaller_estimate(tmp_path):
+    import json
+
+    from vptool.engine.setup import estimate_memory
+    from vptool.recipe import resolve
+
+    raw = tiny_recipe(tmp_path)
+    res = invoke_cli("train", str(write_recipe(tmp_path, raw)), "--set", "backbone.dtype=bf16", "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["backbone_dtype"] == "bf16"
+    bb, _ = build_backbone(TINY_NAME, pretrained=False, kwargs=dict(TINY_KWARGS))
+    fp32 = estimate_memory(resolve(raw), bb)["bytes"]
+    half = sum(p.numel() for p in bb.parameters()) * 2  # the backbone's values, 2 bytes fewer each
+    assert fp32 - plan["memory_estimate_bytes"] == half
