@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vptool.options import (
+    BackboneDtype,
     Blocks,
     DeepForm,
     GateKind,
@@ -119,6 +120,14 @@ class ModelConfig:
     tune: Tune = option("prompts", "prompts (+head) | head (linear probe) | all (full fine-tune)", "train.tune")
     deep_form: DeepForm = option("prefix", "deep prompts as prefix keys/values (prefix) or concatenated rows "
                                            "(concat, the reference form for tests and benchmarks)")
+    # runtime settings, never saved (the adapter does not depend on them; recipes set them through
+    # train.activation_checkpointing and backbone.dtype, resolved by vptool.engine.setup.runtime_options)
+    activation_checkpointing: bool = option(
+        False, "recompute each transformer block (prompts, gates, dropout included) in the backward pass instead of "
+               "keeping its activations: training only, ViT/BEiT blocks", saved=False)
+    backbone_dtype: BackboneDtype = option(
+        "fp32", "dtype the frozen backbone weights are stored in: fp32 | bf16 | fp16 (trainable tensors stay fp32; "
+                "vptool.prompting.lowp)", saved=False)
 
     # ------------------------------------------------------------------------------------------- checks
     def validate(self) -> ModelConfig:
@@ -133,7 +142,8 @@ class ModelConfig:
         return dataclasses.replace(
             self, prompt_blocks=blocks_spec(self.prompt_blocks, "prompt_blocks"),
             prompt_length=int(self.prompt_length), prompt_dropout=float(self.prompt_dropout),
-            prompt_trainable=bool(self.prompt_trainable), gate_init=float(self.gate_init),
+            prompt_trainable=bool(self.prompt_trainable),
+            activation_checkpointing=bool(self.activation_checkpointing), gate_init=float(self.gate_init),
             temperature_range=tuple(float(v) for v in self.temperature_range), head_dim=int(self.head_dim))
 
     def replace(self, **changes) -> ModelConfig:

@@ -45,6 +45,15 @@ FeatureCache = Literal["auto", "off"]
 DataCache = Literal["auto", "off"]
 #: ``data.num_workers``: a count, or auto (``vptool.data.loading.resolve_num_workers``)
 NumWorkers = typing.Union[int, Literal["auto"]]
+#: ``train.activation_checkpointing``: recompute each block in the backward pass; auto = on when the memory estimate
+#: without it exceeds the device's memory (``vptool.engine.setup.runtime_options``)
+Checkpointing = Literal["off", "auto", "on"]
+#: ``train.compile``: auto = torch.compile when training on CUDA, eager on the CPU
+CompileSetting = Literal["auto", True, False]
+#: the dtype the frozen backbone weights are stored in (``vptool.prompting.lowp``); the recipe's
+#: ``backbone.dtype`` adds ``auto`` (bf16 on a CUDA device with bf16 autocast, else fp32)
+BackboneDtype = Literal["fp32", "bf16", "fp16"]
+BackboneDtypeSetting = Literal["auto", "fp32", "bf16", "fp16"]
 #: the backbone families, each one file ``vptool/prompting/families/<name>.py``, with the checkpoint formats it
 #: converts (register a new family here: one line; ``vptool.prompting.families``)
 BACKBONE_FAMILIES = {"vit": ("timm", "mae", "mocov3", "mocov3-linear", "jax-npz"), "beit": ("beitv2-pretrain",),

@@ -26,8 +26,11 @@ from vptool.backbones.kwargs import SIZE_KWARGS, backbone_kwargs_problems, short
 from vptool.config import ModelConfig, blocks_spec, recipe_field
 from vptool.errors import RecipeError, UserError
 from vptool.options import (
+    BackboneDtypeSetting,
     BackboneFormat,
     Blocks,
+    Checkpointing,
+    CompileSetting,
     DataCache,
     FeatureCache,
     GateKind,
@@ -82,6 +85,10 @@ class BackboneConfig:
     format: BackboneFormat = _f(
         "auto", "checkpoint layout: auto (detected from the file's keys) or one of the converters' names")
     kwargs: dict = _f(help="extra timm constructor kwargs, e.g. {img_size: 32, depth: 2}", factory=dict)
+    dtype: BackboneDtypeSetting = _f(
+        "auto", "dtype the frozen backbone weights are stored in: fp32 | bf16 | fp16 (half the memory; trainable "
+                "tensors, optimizer state and the adapter stay fp32) | auto (bf16 on a CUDA device with bf16 "
+                "autocast: train.precision bf16 or auto there, else fp32). Not with train.tune all")
 
 
 @dataclass
@@ -186,7 +193,12 @@ class TrainConfig:
     precision: Precision = _f("auto", "auto (bf16 autocast on a CUDA device with bf16, else fp32; fp32 on CPU) | "
                                       "fp32 | bf16 (warns on a CPU without avx512_bf16/amx_bf16: emulated, ~10-100x "
                                       "slower)")
-    compile: bool = _f(False, "torch.compile the prompted model (and the head on cached features)")
+    compile: CompileSetting = _f("auto", "torch.compile the prompted model (and the head on cached features): "
+                                         "true | false | auto (on when training on CUDA, off on the CPU)")
+    activation_checkpointing: Checkpointing = _f(
+        "auto", "recompute each transformer block in the backward pass instead of keeping its activations (less "
+               "memory, ~1/3 more compute; ViT/BEiT): off | on | auto (on when the memory estimate without it "
+               "exceeds the device's memory)")
     feature_cache: FeatureCache = _f("auto", "auto: when nothing before the readout trains (tune: head, or frozen "
                                      "prompts without gates, temperature or a learned [MASK]) and the train "
                                      "transform is deterministic (vtab), run the backbone once per split and train "
@@ -303,6 +315,10 @@ def _check(tp, value, path: str, errors: list[str]):
         choices = typing.get_args(tp)
         if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false
             return "off"
+        if value is True and "on" in choices:  # ... and a bare `on` as true
+            return "on"
+        if isinstance(value, bool) and value in choices:  # a choice between a word and the booleans
+            return value
         if isinstance(value, str) and value in choices:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

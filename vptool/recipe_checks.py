@@ -69,6 +69,9 @@ def _option_problems(r) -> list[str]:
           and r.attention.temperature == "fixed" and r.tokens.mask == "none"):
         e.append("prompt.length: 0 leaves nothing but the head to train (no prompt tokens and no [MASK] token, VPTM "
                  "Fig. 7's only prompt-free point); set prompt.length >= 1, or use train.tune: head for a linear probe")
+    if r.backbone.dtype in ("bf16", "fp16") and r.train.tune == "all":
+        e.append(f"backbone.dtype: {r.backbone.dtype} stores the frozen backbone in low precision but train.tune all "
+                 "trains it; use backbone.dtype fp32 or auto")
     if r.output.save_prompt_history and not has_prompts(r):
         e.append(f"output.save_prompt_history: true but {none} (no prompts to record); set prompt.mode and "
                  "prompt.length or drop save_prompt_history")

@@ -95,7 +95,8 @@ def print_dry_run(r, json_out: bool) -> None:
     if plan["mask_token"]:
         print(f"[MASK] token: {plan['mask_token']}")
     print(f"memory: at least {plan['memory_estimate_bytes'] / 2**30:.2f} GiB to train "
-          f"({plan['memory_available_bytes'] / 2**30:.1f} GiB available)")
+          f"({plan['memory_available_bytes'] / 2**30:.1f} GiB available; activation checkpointing "
+          f"{'on' if plan['activation_checkpointing'] else 'off'}, backbone weights {plan['backbone_dtype']})")
     print("ready: all inputs found" if plan["ready"] else "not ready: inputs missing (see warnings)")
 
 

@@ -41,7 +41,7 @@ from vptool.engine.runstate import (
     rng_state,
     set_rng_state,
 )
-from vptool.engine.runtime import seed_everything
+from vptool.engine.runtime import compile_wanted, seed_everything
 from vptool.engine.schedule import TrainSampler, WeightedSplit, lr_factor, make_optimizer
 from vptool.engine.setup import Setup, autocast
 from vptool.errors import RunError, UserError
@@ -169,7 +169,7 @@ class Fit:
         if why_not:
             obs.note(why_not)
         self.head = features.FeatureHead(model) if self.cached else None
-        self._forwards(t.compile)
+        self._forwards(compile_wanted(t.compile, self.device))
         self.adapter_meta = {"vptool_version": vptool.__version__, "method": recipe.method,
                              "backbone": setup.backbone.name}
         self.adapter_path, self.metrics_path = run / "adapter.safetensors", run / "metrics.jsonl"

@@ -53,7 +53,8 @@ def check_run_inputs(final: Path, recipe: Recipe, recipe_file: str | Path | None
 
 
 _RESUME_FREE = {"train.epochs", "train.feature_cache", "data.num_workers", "output.save_every_steps", "output.dir",
-                "output.name", "log.tensorboard", "log.mlflow", "log.mlflow_experiment"}
+                "output.name", "log.tensorboard", "log.mlflow", "log.mlflow_experiment",
+                "train.compile", "train.activation_checkpointing"}  # how it runs, not what it computes
 
 
 #: keys whose ``auto`` is resolved into recipe.yaml when the run starts (``setup.resolve_auto``)

@@ -56,6 +56,12 @@ def _cuda_bf16(device: torch.device) -> bool:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
+def compile_wanted(setting: bool | str, device: torch.device) -> bool:
+    """``train.compile``: ``true`` / ``false`` as given; ``auto`` compiles when training on CUDA (where the compile's
+    tens of seconds pay off) and not on the CPU."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def precision_warning(precision: str, device: torch.device) -> str | None:
     """One line when ``precision`` will be slow on ``device`` (bf16 on a CPU without avx512_bf16/amx_bf16,
     ``vptool.hardware``), else None."""

@@ -134,11 +134,14 @@ def prepare(recipe: Recipe, device: torch.device | None = None, observer=None, f
     backbone, info = build_backbone(b.name, b.pretrained, b.checkpoint, b.kwargs, format=b.format)
     for line in resolve_auto(recipe, backbone, info):
         log.info(line)
-    if check_mem:
-        check_memory(recipe, backbone, device)  # before the prompts are allocated and before any run file
+    if check_mem:  # before the prompts are allocated and before any run file
+        options = check_memory(recipe, backbone, device)
+        options = {k: options[k] for k in ("activation_checkpointing", "backbone_dtype")}
+    else:
+        options = runtime_options(recipe, backbone, device)
     splits = build_splits(recipe.data, info.data_config, train_eval_transform=train_eval_transform)
     check_num_classes(recipe, len(splits.classes))
-    overrides: dict = {}
+    overrides: dict = dict(options)
     built = None
     if for_adapter and recipe.prompt.mode != "none":
         overrides["prompt_init"] = "zeros"
@@ -172,22 +175,26 @@ def available_memory(device: torch.device) -> int:
         return 1 << 62
 
 
-def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
+def estimate_memory(recipe: Recipe, backbone: torch.nn.Module, checkpointing: bool = False,
+                    dtype: str = "fp32") -> dict:
     """A lower bound on the memory (bytes) training needs, from shapes alone (nothing is allocated).
 
     With D the width, L the blocks, T = prefix + patch + prompt tokens (+1 with a [MASK] token), B the batch
     (under torchrun this process's B / W):
     trainable prompts Np·D (·L for deep) in fp32 with their gradient and two optimizer states (4 copies), the
-    frozen backbone's weights, and the activations backpropagation keeps: at least each block's input and
-    attention output, 2·B·T·D fp32 values per block when gradients flow through the blocks (prompts, gates,
-    temperature, a learned [MASK] token, full fine-tune), one block's worth for a linear probe. The real peak is
-    higher (MLP activations, attention maps), so a run this refuses can never fit; one it accepts still may not.
+    frozen backbone's weights (2 bytes a value with ``dtype`` bf16/fp16, ``backbone.dtype``), and the activations
+    backpropagation keeps: at least each block's input and attention output, 2·B·T·D fp32 values per block when
+    gradients flow through the blocks (prompts, gates, temperature, a learned [MASK] token, full fine-tune), one
+    block's worth for a linear probe. With ``checkpointing`` (``train.activation_checkpointing``) a block keeps its
+    input only, B·T·D, plus the 2·B·T·D of the one block recomputed at a time. The real peak is higher (MLP
+    activations, attention maps), so a run this refuses can never fit; one it accepts still may not.
     A ConvNet (no blocks: ``Family.sizes`` gives L = 0) counts its weights and its pad pixels only
     (``Family.memory_terms``).
 
     Returns:
         ``{"bytes", "tokens", "prompt_params"}``.
     """
+    from vptool.prompting.lowp import DTYPES
     from vptool.prompting.modes import mode_for
 
     p, mode = recipe.prompt, mode_for(recipe.prompt.mode)
@@ -195,30 +202,62 @@ def estimate_memory(recipe: Recipe, backbone: torch.nn.Module) -> dict:
     # T rows, the prompt values and rows x width per block, from the family (a hierarchical one: per stage)
     T, prompt_params, per_block = family_for(backbone).memory_terms(
         backbone, mode, Np, p.blocks, 0 if recipe.tokens.mask == "none" else 1)
-    backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
+    params = {n for n, _ in backbone.named_parameters()}
+    low = DTYPES[dtype].itemsize
+    backbone_bytes = sum(t.numel() * (low if n in params and t.is_floating_point() else t.element_size())
+                         for n, t in backbone.state_dict().items())
     from vptool.engine.dist import from_env
 
     B = max(1, recipe.data.batch_size // from_env().world)  # under torchrun each process holds B / W images
     through_blocks = recipe.train.tune != "head"
-    act = 2 * B * 4 * (sum(per_block) if through_blocks else max(per_block))
+    if not through_blocks:
+        act = 2 * B * 4 * max(per_block, default=0)
+    elif checkpointing:
+        act = B * 4 * (sum(per_block) + 2 * max(per_block, default=0))
+    else:
+        act = 2 * B * 4 * sum(per_block)
     full = 3 * backbone_bytes if recipe.train.tune == "all" else 0
     total = 4 * prompt_params * 4 + backbone_bytes + full + act
     return {"bytes": int(total), "tokens": T, "prompt_params": prompt_params}
 
 
+def runtime_options(recipe: Recipe, backbone: torch.nn.Module, device: torch.device) -> dict:
+    """``train.activation_checkpointing`` and ``backbone.dtype`` resolved for ``device``: the ``ModelConfig``
+    values ``{"activation_checkpointing": bool, "backbone_dtype": "fp32" | "bf16" | "fp16"}``.
+
+    ``backbone.dtype: auto`` is bf16 where the run computes in bf16 autocast on CUDA (``train.precision`` bf16,
+    or auto on a GPU with bf16), whose matmuls round the weights to bf16 anyway, and fp32 elsewhere (the CPU,
+    ``train.tune: all``). ``train.activation_checkpointing: auto`` is on when gradients flow through the blocks
+    and ``estimate_memory`` without it exceeds what the device has (``available_memory``), for a family whose
+    blocks vptool runs (ViT, BEiT).
+    """
+    dtype = recipe.backbone.dtype
+    if dtype == "auto":
+        amp = autocast_dtype(recipe.train.precision, device) if device.type == "cuda" else None
+        dtype = "bf16" if amp == torch.bfloat16 and recipe.train.tune != "all" else "fp32"
+    setting = recipe.train.activation_checkpointing
+    on = setting == "on"
+    if setting == "auto" and recipe.train.tune != "head" and not family_for(backbone).owns_forward:
+        on = estimate_memory(recipe, backbone, False, dtype)["bytes"] > available_memory(device)
+    return {"activation_checkpointing": on, "backbone_dtype": dtype}
+
+
 def check_memory(recipe: Recipe, backbone: torch.nn.Module, device: torch.device) -> dict:
-    """Refuse a recipe whose training cannot fit in ``device``'s memory (``estimate_memory``, a lower bound).
+    """Refuse a recipe whose training cannot fit in ``device``'s memory (``estimate_memory``, a lower bound, with
+    activation checkpointing and the backbone dtype as ``runtime_options`` resolves them).
 
     Returns:
-        the estimate and ``available`` (bytes).
+        the estimate, ``available`` (bytes) and the resolved ``runtime_options``.
 
     Raises:
         UserError: naming ``prompt.length`` when the prompt tokens dominate the sequence, else
             ``data.batch_size``, with the estimate and what the device has.
     """
-    est = estimate_memory(recipe, backbone)
+    options = runtime_options(recipe, backbone, device)
+    est = estimate_memory(recipe, backbone, options["activation_checkpointing"], options["backbone_dtype"])
     have = available_memory(device)
     est["available"] = have
+    est.update(options)
     if est["bytes"] > have:
         gib = 1024 ** 3
         Np = recipe.prompt.length if recipe.prompt.mode != "none" else 0
@@ -273,7 +312,8 @@ def dry_run(recipe: Recipe) -> dict:
     out = {"recipe": recipe.to_dict(), "resolved": resolved, "inputs": inputs, "ready": all(have.values()),
            "device": str(device),
            "trainable_params": None, "total_params": None, "mask_token": None,
-           "memory_estimate_bytes": memory["bytes"], "memory_available_bytes": memory["available"]}
+           "memory_estimate_bytes": memory["bytes"], "memory_available_bytes": memory["available"],
+           "activation_checkpointing": memory["activation_checkpointing"], "backbone_dtype": memory["backbone_dtype"]}
     if num_classes is None:
         out["note"] = "data not found and data.num_classes unset: model not built"
         return out

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from vptool.config import ModelConfig, choice_fields, field_names
 from vptool.errors import UserError
@@ -55,6 +56,7 @@ from vptool.prompting.heads import build_head
 from vptool.prompting.init import init_prompts, load_prompt_file
 from vptool.prompting.layout import RowLayout, default_order, order_problem
 from vptool.prompting.locations import location_for
+from vptool.prompting.lowp import DTYPES, store_frozen, upcast
 from vptool.prompting.modes import BlockStep, PromptTokens, mode_for
 from vptool.prompting.modes.gated import PromptGates
 
@@ -99,6 +101,9 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
         eval_transform: ``vtab`` or ``fgvc``: the evaluation transform ``predict`` applies (``set_data_config``).
         data_config: input size, mean and std in timm's form (also ``pretrained_cfg``, so
             ``timm.data.resolve_model_data_config(model)`` gives them).
+        activation_checkpointing: recompute each block in the backward pass (``ModelConfig``; may be set at any
+            time). Training with grad only; Swin and the ConvNets refuse it.
+        backbone_low_dtype: the frozen backbone weights' storage dtype (``store_backbone``), None for fp32.
         backbone_config: how to rebuild the backbone (name, kwargs, checkpoint, sha256, seed), or None for a
             backbone vptool did not build.
         adapter_info: provenance for ``save_pretrained``'s model card (method, dataset, metrics, recipe).
@@ -163,6 +168,10 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
         self.head_name, head_module = build_head(c.head, D, c.num_classes, c.head_dim, generator, init=c.head_init)
         setattr(self, self.head_name, head_module)
         self._set_trainable(c.tune, c.prompt_trainable)
+        #: recompute each block in the backward pass (training with grad only); a runtime setting, may be changed
+        self.activation_checkpointing = c.activation_checkpointing
+        self.backbone_low_dtype: torch.dtype | None = None  # the frozen weights' storage dtype when not fp32
+        self.store_backbone(c.backbone_dtype)
         self.config = c.replace(token_order=self.order)  # what rebuilds this model (adapter_config.json "model")
         self.num_classes = c.num_classes
         self.class_names: list[str] | None = None  # K names, index = label (set by vptool's builders)
@@ -183,6 +192,9 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
             problem = self.location.problem(c, self.family.name)
             if problem:
                 raise UserError(problem)
+        if c.activation_checkpointing and self.family.owns_forward:
+            raise UserError(f"train.activation_checkpointing: the {self.family.name} family runs its own forward, "
+                            "which vptool does not checkpoint; use off (or auto)")
         if c.readout_pool == "prompt" and not self.mode.has_prompts:
             raise UserError("readout.pool: 'prompt' pools the prompt tokens; prompt.mode none has none; use cls or "
                             "avg")
@@ -269,6 +281,33 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
             self.mask_token.requires_grad_(adapt)
         self.backbone.eval()
 
+    def store_backbone(self, dtype: str | torch.dtype) -> None:
+        """Store the frozen backbone weights in ``dtype`` (``fp32``, ``bf16``, ``fp16`` or a torch dtype) from now
+        on; trainable tensors stay fp32 (``vptool.prompting.lowp``: how the forward computes with them).
+
+        Raises:
+            UserError: a low-precision dtype while the backbone trains (``tune: all``).
+        """
+        names = {v: k for k, v in DTYPES.items()}
+        name = names[dtype] if isinstance(dtype, torch.dtype) else dtype
+        if name != "fp32" and self.tune == "all":
+            raise UserError(f"backbone.dtype: {name} stores the frozen backbone in low precision but train.tune all "
+                            "trains it; use backbone.dtype fp32 (or auto)")
+        store_frozen(self.backbone, DTYPES[name])
+        self.backbone_low_dtype = None if name == "fp32" else DTYPES[name]
+        if hasattr(self, "config"):
+            self.config = self.config.replace(backbone_dtype=name)
+
+    def computing(self, part: nn.Module | None = None, saved_low: bool = True):
+        """Context in which ``part`` of the backbone (default: all of it but its blocks) computes with its stored
+        low-precision weights upcast (``vptool.prompting.lowp.upcast``; ``saved_low``: autograd saves the stored
+        weights, not the copies); a no-op for fp32 weights."""
+        if part is not None:
+            return upcast(part, self.backbone_low_dtype, saved_low=saved_low)
+        blocks = getattr(self.backbone, "blocks", None)
+        skip = (blocks,) if isinstance(blocks, nn.Module) and not self.family.owns_forward else ()
+        return upcast(self.backbone, self.backbone_low_dtype, skip)
+
     def _check_order(self, order: str | None) -> str:
         has_prompts, has_mask = self.prompts is not None and self.location.rows, self.mask_source is not None
         order = default_order(has_prompts, has_mask) if order is None else order
@@ -323,7 +362,8 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding + position embedding + prefix tokens (the family's ``embed``, through the prompt
         location's pixels where it has some: ``concat-channel``, ``pad``): (B, 3, H, W) -> (B, n_prefix + N, D)."""
-        return self.location.embed(self, x)
+        with self.computing():  # weights stored in bf16 (backbone.dtype) are upcast around it
+            return self.location.embed(self, x)
 
     def temperatures(self) -> torch.Tensor | None:
         """tau (L,) clamped to the allowed range, or None when the temperature is fixed."""
@@ -366,11 +406,26 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
             parts["P"] = self.prompts.set(None, B).to(tok.dtype).expand(B, -1, -1)
         order = self.row_order()
         h = self.assemble(parts, order)
-        step = BlockStep(B, N, self.temperatures(), self.mode.begin(self, B), self.family.start(self.backbone))
+        with self.computing():
+            start = self.family.start(self.backbone)
+        step = BlockStep(B, N, self.temperatures(), self.mode.begin(self, B), start)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(blocks[:last + 1]):
-            step.state["i"] = i
-            h, order = self.location.block(self, step, i, blk, h, order)  # the mode's block, or the location's
+            if recompute:  # the block's activations are recomputed in backward, the prompt dropout masks too
+                h, order = torch.utils.checkpoint.checkpoint(self._block, step, i, blk, h, order, False,
+                                                             use_reentrant=False, preserve_rng_state=True)
+            else:
+                h, order = self._block(step, i, blk, h, order)
             yield i, h, order, N
+
+    def _block(self, step: BlockStep, i: int, blk: nn.Module, h: torch.Tensor, order: str, saved_low: bool = True):
+        """Block i: the prompt location's (``LocationUnit.block``: the prompt mode's ``PromptModeUnit.block``, or
+        ``add``'s sets added to the rows), with its weights upcast where stored in low precision. Everything it
+        reads is set here, so activation checkpointing can run it again in the backward pass (which saves nothing
+        inside the block: ``saved_low`` False)."""
+        step.state["i"] = i
+        with self.computing(blk, saved_low):
+            return self.location.block(self, step, i, blk, h, order)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block, before any norm.
@@ -383,7 +438,8 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
             owns its forward (Swin, ConvNets) returns its own rows or feature map (``Family.forward_features``).
         """
         if self.family.owns_forward:
-            return self.family.forward_features(self, x)
+            with self.computing():
+                return self.family.forward_features(self, x)
         out = None
         for _, h, _, _ in self._blocks(x):
             out = h
@@ -401,7 +457,8 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """The readout's pooling (``readout.pool``): (B, T, D) tokens -> (B, D), before the readout norm."""
         if self.family.owns_forward:
-            return self.family.pool(self, x)
+            with self.computing():
+                return self.family.pool(self, x)
         order = self.output_order
         n = self.num_prefix_tokens
         N = x.shape[1] - sum(self._lengths(0)[ch] for ch in order if ch != "X")
@@ -421,9 +478,11 @@ class PromptedCore(AdapterState, TimmFace, nn.Module):
     def norm_pooled(self, z: torch.Tensor) -> torch.Tensor:
         """The readout's norm (``readout.norm``) on pooled (B, D) features."""
         if self.family.owns_forward:
-            return self.family.norm_pooled(self, z)
+            with self.computing():
+                return self.family.norm_pooled(self, z)
         if self.readout_norm == "pretrained":
-            z = self.family.final_norm(self.backbone)(z)
+            with self.computing():
+                z = self.family.final_norm(self.backbone)(z)
         elif self.readout_norm == "fresh":
             z = self.fc_norm(z)
         return z

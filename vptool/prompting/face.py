@@ -64,7 +64,10 @@ class TimmFace:
         for i, h, order, N in self._blocks(x, last=max(take) if stop_early else None):
             if i not in take:
                 continue
-            y = norm_layer(h) if norm_layer is not None else h
+            y = h
+            if norm_layer is not None:
+                with self.computing(norm_layer):  # weights stored in bf16 (backbone.dtype) are upcast around it
+                    y = norm_layer(h)
             sl = self.slices(order, N)
             patches = y[:, sl["X"]]
             if grid is not None:
