@@ -98,7 +98,7 @@ class Preprocess:
         if isinstance(item, torch.Tensor):
             if item.dim() != 3 or item.shape[0] != 3:
                 raise ValueError(f"images: a tensor image must be (3, H, W), got {tuple(item.shape)}")
-            return self.from_tensor(_unit_float(item))
+            return self._tensor(item)
         raise ValueError(f"images: {type(item).__name__} is not a path, a PIL image or a tensor")
 
     def batch(self, items) -> torch.Tensor:
@@ -106,12 +106,15 @@ class Preprocess:
         if isinstance(items, torch.Tensor) and items.dim() == 4:
             if items.shape[1] != 3:
                 raise ValueError(f"images: a tensor batch must be (B, 3, H, W), got {tuple(items.shape)}")
-            return self.from_tensor(_unit_float(items))
+            return self._tensor(items)
         return torch.stack([self.one(x) for x in items])
 
-
-def _unit_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    def _tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels go the way a decoded file goes (resize on uint8, then to float: the same numbers as the
+        file); float images in [0, 1] are resized as floats."""
+        if x.dtype == torch.uint8:
+            return self.from_pil(x)
+        return self.from_tensor(x.float())
 
 
 def _as_list(images) -> list:
