@@ -9,8 +9,10 @@ depend on the weights), in four settings, each in a fresh process, interleaved o
 - B checkpointing on, fp32;  C off, bf16 frozen weights;  D on, bf16.
 
 Peak memory: on CPU the process's peak resident set (``VmHWM``, reset with ``/proc/self/clear_refs`` just before the
-step, so the one-off fp32 copy of the weights at build time is not counted) minus the resident set after the
-imports (torch's own libraries are not the model's); on CUDA ``torch.cuda.max_memory_allocated`` of the step.
+step, after ``malloc_trim`` has returned the heap pages the build freed, so the one-off fp32 copy of the weights at
+build time is not counted) minus the resident set after the imports (torch's own libraries are not the model's), with glibc's mmap threshold fixed
+at 128 KiB so that freed tensors leave the resident set;
+on CUDA ``torch.cuda.max_memory_allocated`` of the step.
 Step time: the median of the steps after the first. Printed: each setting's peak and time, and per round the ratios
 to A (the targets: D's peak <= 0.35x A's; B's time <= 1.4x A's).
 
@@ -52,6 +54,16 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def _trim() -> None:
+    """glibc ``malloc_trim(0)``: return freed heap memory to the OS (no-op where there is no glibc)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def one_setting(ckpt: str, dtype: str, quick: bool, device: str, steps: int) -> dict:
     """Build the model of one setting and train ``steps`` steps; runs inside a fresh process (``--one``)."""
     import torch
@@ -76,13 +88,15 @@ def one_setting(ckpt: str, dtype: str, quick: bool, device: str, steps: int) -> 
     x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(2)).to(dev)
     y = torch.randint(0, 200, (8,), generator=torch.Generator().manual_seed(3)).to(dev)
     amp = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-    times, peak = [], None
+    times, peak, built = [], None, None
     for s in range(steps):
         if s == 0:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             else:
+                _trim()  # heap pages freed by the build (the fp32 weights before a bf16 cast) back to the OS
+                built = _status("VmRSS") - rss0
                 Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -95,8 +109,8 @@ def one_setting(ckpt: str, dtype: str, quick: bool, device: str, steps: int) -> 
         times.append(time.perf_counter() - t0)
         if s == 0:
             peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _status("VmHWM") - rss0
-    return {"peak_bytes": peak, "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
-            "loss": float(loss)}
+    step = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    return {"peak_bytes": peak, "model_bytes": built, "step_s": step, "loss": float(loss.detach())}
 
 
 def memory_part(args) -> dict:
@@ -107,11 +121,16 @@ def memory_part(args) -> dict:
             cmd = [sys.executable, __file__, "--one", ckpt, dtype, "--device", args.device, "--steps", str(args.steps)]
             if args.quick:
                 cmd.append("--quick")
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+            # a fixed mmap threshold: every tensor over 128 KiB is its own mapping, returned to the OS when freed, so
+            # the resident set follows the live tensors (glibc's default threshold rises after the first large free
+            # and then keeps freed tensor memory in the heap: the RSS would measure the allocator's history)
+            env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             rows[key].append(res)
+            model = f" (model before the step {res['model_bytes'] / 2**30:.3f} GiB)" if res["model_bytes"] else ""
             print(f"round {r + 1} {key} (checkpointing {ckpt}, frozen {dtype}): peak "
-                  f"{res['peak_bytes'] / 2**30:.3f} GiB, step {res['step_s']:.2f} s", flush=True)
+                  f"{res['peak_bytes'] / 2**30:.3f} GiB{model}, step {res['step_s']:.2f} s", flush=True)
     ratios = {k: [rows[k][i]["peak_bytes"] / rows["A"][i]["peak_bytes"] for i in range(args.repeats)]
               for k in SETTINGS}
     times = {k: [rows[k][i]["step_s"] / rows["A"][i]["step_s"] for i in range(args.repeats)] for k in SETTINGS}
