@@ -10,9 +10,9 @@ depend on the weights), in four settings, each in a fresh process, interleaved o
 
 Peak memory: on CPU the process's peak resident set (``VmHWM``, reset with ``/proc/self/clear_refs`` just before the
 step, after ``malloc_trim`` has returned the heap pages the build freed, so the one-off fp32 copy of the weights at
-build time is not counted) minus the resident set after the imports (torch's own libraries are not the model's), with glibc's mmap threshold fixed
-at 128 KiB so that freed tensors leave the resident set;
-on CUDA ``torch.cuda.max_memory_allocated`` of the step.
+build time is not counted) minus the resident set after the imports (torch's own libraries are not the model's),
+with glibc's mmap threshold fixed at 128 KiB so that freed tensors leave the resident set; on CUDA
+``torch.cuda.max_memory_allocated`` of the step.
 Step time: the median of the steps after the first. Printed: each setting's peak and time, and per round the ratios
 to A (the targets: D's peak <= 0.35x A's; B's time <= 1.4x A's).
 
