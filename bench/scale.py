@@ -19,7 +19,8 @@ to A (the targets: D's peak <= 0.35x A's; B's time <= 1.4x A's).
 Part 2, the data pipeline (``--part data``): a folder of 2,000 generated 500x375 JPEGs (CUB-like sizes; written
 once under ``--data``), read through vptool's training pipeline at 224 px (``data.train_transform: fgvc``: random
 resized crop + flip), ``data.num_workers`` 0 vs auto, ``data.cache`` off vs on (the cache's first pass builds it
-and is timed separately); images/s and images/s per busy core, interleaved; then the images/s that one ViT-B/16
+and is timed separately), and the pipeline vptool had before (the same transform on float tensors, workers 0, no
+cache: "before"); images/s and images/s per busy core, interleaved; then the images/s that one ViT-B/16
 VPT-deep train step consumes on the same machine, so the loader can be compared with the model.
 
     python bench/scale.py                      # both parts (minutes on a CPU)
@@ -211,6 +212,27 @@ def _loader_rate(root: Path, workers: str, cache: str, batches: int, work: Path)
     return {"cache_build_s": build, "images_per_s": rate, "workers": n, "cores": max(1, min(n, os.cpu_count()))}
 
 
+def _before_rate(root: Path, batches: int) -> dict:
+    """The pipeline vptool had before issue 28 (workers 0, no cache, the ``fgvc`` train transform on float: decode,
+    to float, random resized crop, flip, normalise), over the same folder: torchvision's ImageFolder + DataLoader."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.RandomResizedCrop((224, 224),
+                     antialias=True), v2.RandomHorizontalFlip(), v2.Normalize(list(MEAN), list(STD))])
+    loader = DataLoader(ImageFolder(str(root / "train"), transform=tf), batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    it, seen = iter(loader), 0
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        x, _ = next(it)
+        seen += x.shape[0]
+    return {"cache_build_s": 0.0, "images_per_s": seen / (time.perf_counter() - t0), "workers": 0, "cores": 1}
+
+
 def _train_rate(device: str, steps: int = 3) -> float:
     """Images/s one ViT-B/16 VPT-deep (Np 50) train step at 224 px, batch 32, consumes (median over steps)."""
     import torch
@@ -247,30 +269,38 @@ def data_part(args) -> dict:
     import tempfile
 
     root = write_jpegs(Path(args.data))
-    settings = {"0/off": ("0", "off"), "0/cache": ("0", "auto"), "auto/off": ("auto", "off"),
+    settings = {"before": (None, None), "0/off": ("0", "off"), "0/cache": ("0", "auto"), "auto/off": ("auto", "off"),
                 "auto/cache": ("auto", "auto")}
     rows = {k: [] for k in settings}
     batches = 4 if args.quick else 30  # after the first batch (with workers, 2 per worker may be prefetched)
     with tempfile.TemporaryDirectory() as work:
         for r in range(args.repeats):
             for key, (workers, cache) in settings.items():
+                if workers is None:
+                    res = _before_rate(root, batches)
+                    rows[key].append(res)
+                    print(f"round {r + 1} before issue 28 (float transform, workers 0, no cache): "
+                          f"{res['images_per_s']:8.1f} images/s", flush=True)
+                    continue
                 res = _loader_rate(root, workers, cache, batches, Path(work))
                 rows[key].append(res)
                 print(f"round {r + 1} workers {workers:<4} cache {cache:<4}: {res['images_per_s']:8.1f} images/s "
                       f"({res['workers']} workers; cache built in {res['cache_build_s']:.1f} s)", flush=True)
     per_core = {k: [x["images_per_s"] / x["cores"] for x in v] for k, v in rows.items()}
-    ratio = [a / b for a, b in zip(per_core["0/cache"], per_core["0/off"])]
+    ratio = [a / b for a, b in zip(per_core["0/cache"], per_core["before"])]
+    ratio_now = [a / b for a, b in zip(per_core["0/cache"], per_core["0/off"])]
     train = _train_rate(args.device, steps=1 if args.quick else 3)
     auto = statistics.median(x["images_per_s"] for x in rows["auto/cache"])
     print("\nsetting        images/s   per core   (median of rounds)")
     for k in settings:
         print(f"{k:<12} {statistics.median(x['images_per_s'] for x in rows[k]):10.1f} "
               f"{statistics.median(per_core[k]):10.1f}")
-    print(f"cached / uncached images/s per core (workers 0): median of rounds {statistics.median(ratio):.2f} "
-          f"(target >= 4)")
+    print(f"cached (workers 0) / before issue 28, images/s per core: median of rounds {statistics.median(ratio):.2f} "
+          f"(target >= 4); cached / uncached now (both uint8 geometry): {statistics.median(ratio_now):.2f}")
     print(f"one ViT-B/16 VPT-deep train step consumes {train:.1f} images/s on {args.device}; the auto-workers cached "
           f"pipeline gives {auto:.1f} ({'the model' if auto >= train else 'the loader'} is the bottleneck)")
-    return {"rows": rows, "cached_per_core_ratio_median": statistics.median(ratio), "train_images_per_s": train}
+    return {"rows": rows, "cached_per_core_ratio_median": statistics.median(ratio),
+            "cached_over_uncached_now_median": statistics.median(ratio_now), "train_images_per_s": train}
 
 
 # --------------------------------------------------------------------------------------------------- entry
