@@ -286,25 +286,24 @@ class Fit:
         features of train and val, once (``features.build``), when the feature cache is on."""
         if self.image_sets and self.start_epoch <= self.epochs:
             self.images = images.build(self.recipe, self.image_sets, self.run, self.job.rank, self.obs)
-            if cleanup is not None:
-                cleanup.callback(self.images.close)  # a failed or stopped run removes a file-backed cache too
-            signum = self.stop_agreed()
-            if signum:
-                self.images.close()
-                self.checkpoint(self.start_epoch - 1, self.start_step)
-                raise self.stopped("while caching the images", signum)
+            self._keep_cache(self.images, cleanup, "the images")
         if not (self.cached and self.start_epoch <= self.epochs):
             return
         setup, recipe = self.setup, self.recipe
         self.cache = features.build(self.model, setup, recipe, self.run, self.job.rank, self.obs,
                                     lambda s: eval_loader(setup, recipe, s))
+        self._keep_cache(self.cache, cleanup, "the features")
+
+    def _keep_cache(self, cache, cleanup, what: str) -> None:
+        """A cache just built: removed (if file-backed) when the run fails or stops; a stop signal agreed while it
+        was built checkpoints the run and stops it."""
         if cleanup is not None:
-            cleanup.callback(self.cache.close)  # a failed or stopped run removes a file-backed cache too
+            cleanup.callback(cache.close)
         signum = self.stop_agreed()
         if signum:
-            self.cache.close()
+            cache.close()
             self.checkpoint(self.start_epoch - 1, self.start_step)
-            raise self.stopped("while caching the features", signum)
+            raise self.stopped(f"while caching {what}", signum)
 
     def batches(self):
         """This epoch's (x, y, w) batches: images from the loader, or rows of the feature cache in the same order
