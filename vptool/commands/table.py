@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from vptool.commands.common import cli_errors, err, single_process
+from vptool.commands.common import DebugOpt, cli_errors, err, single_process
+from vptool.commands.sweep import TrialCommandOpt  # the same --trial-command as vptool sweep
 
 TABLE_EPILOG = (
     "Examples:\n\n"
@@ -31,9 +32,6 @@ StorageOpt = Annotated[Optional[str], typer.Option(
                       "(default: sqlite:///<output-dir>/<table>-table/table.db).", show_default=False)]
 OutputOpt = Annotated[Path, typer.Option("--output-dir", help="Folder that holds <table>-table/ (the cells' sweeps "
                                                               "and the reports).")]
-TrialCommandOpt = Annotated[Optional[str], typer.Option(
-    "--trial-command", help="What runs `train ...` for each trial (as vptool sweep), e.g. \"torchrun "
-                            "--nproc_per_node 4 -m vptool\".", show_default=False)]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Workers on this machine: the command starts "
                                           "N-1 more of itself on the same storage (each trains one trial at a "
                                           "time; give each its share of the cores, e.g. OMP_NUM_THREADS).")]
@@ -41,7 +39,6 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Check every cell's r
                                          "missing data or checkpoint path; train nothing (exit 0, ready true/false).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (the report's summary, or the "
                                        "dry run).")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback on errors.")]
 
 
 def table_command(

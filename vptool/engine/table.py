@@ -140,7 +140,7 @@ class Table:
                 self.say(prefix + line)
 
         if cell.tune is None:
-            recipe = load_recipe(cell.row.recipe, cell.stage_sets("tune"))
+            recipe = cell.recipe or load_recipe(cell.row.recipe, cell.stage_sets("tune"))  # plan_table loaded it
             cell.tune = self._sweep(cell, "tune", cell.grid_items(recipe))
         cell.tune_report = self._sweep_once(cell, cell.tune, say)
         if not _final(cell.tune_report):
@@ -231,6 +231,7 @@ def _say_stderr(line: str) -> None:
 
 # --------------------------------------------------------------------------------------------------- planning
 def table_dir_of(spec: TableSpec, output_dir: str | Path) -> Path:
+    """``<output_dir>/<table>-table``: the folder of the table's sweeps, storage and reports."""
     return Path(output_dir) / f"{spec.name}{TABLE_SUFFIX}"
 
 

@@ -49,6 +49,8 @@ PAPER_EXTRA = ("total_params", "tuned_params_m")
 
 @dataclass
 class Group:
+    """A column group: its name (the mean's label), ``protocol`` (``fgvc`` | ``vtab-1k``) and overrides."""
+
     name: str
     protocol: str
     set: dict = field(default_factory=dict)
@@ -56,6 +58,8 @@ class Group:
 
 @dataclass
 class Column:
+    """A task: its name, its group, the recipe's ``data.*`` keys it sets and its overrides."""
+
     name: str
     group: str
     data: dict
@@ -64,6 +68,9 @@ class Column:
 
 @dataclass
 class Row:
+    """A method: display name, folder-safe ``slug``, base recipe path, overrides, grid (None: the table's),
+    per-cell ``{column: {"set", "search"}}`` and the paper's numbers (top-1 %, by column or group)."""
+
     name: str
     slug: str
     recipe: Path
